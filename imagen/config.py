@@ -1,0 +1,674 @@
+"""Typed configuration: every YAML section is a dataclass, loaded and validated strictly.
+
+A stage file (one cascade stage) has the sections of :class:`StageConfig`; a cascade
+file lists stage files in order, base first (:class:`CascadeConfig`). Loading rejects
+unknown keys (suggesting the nearest valid one), wrong types, missing required values,
+impossible values and invalid YAML, always naming the file and the key path
+(``unet.channel_mults``). ``--set key.path=value`` overrides go through the same
+validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+
+from imagen.checkpoint import atomic_write
+from imagen.errors import ImagenError
+
+
+class ConfigError(ImagenError):
+    """A config file, a ``--set`` override or a config dict that cannot be used."""
+
+
+class _Invalid(Exception):
+    """Raised by ``validate`` methods: ``key`` (relative to the section) is impossible."""
+
+    def __init__(self, key: str, expected: str):
+        super().__init__(key, expected)
+        self.key = key
+        self.expected = expected
+
+
+def _require(condition: bool, key: str, expected: str) -> None:
+    if not condition:
+        raise _Invalid(key, expected)
+
+
+def _check_probability(value: float, key: str) -> None:
+    _require(0.0 <= value <= 1.0, key, "a probability in [0, 1]")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class TextEncoderConfig:
+    """The frozen T5 encoder. ``name``: a Hugging Face T5 id, a local folder, or ``tiny``
+    (a small random T5 built offline, see :mod:`imagen.text`)."""
+
+    name: str = "tiny"
+    max_length: int = 77
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    # Folder for the on-disk embedding cache; null keeps the cache in memory only.
+    embedding_cache_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        _require(self.name.strip() != "", "name", "a Hugging Face T5 id, a local folder or 'tiny'")
+        _require(self.max_length >= 2, "max_length", "an integer >= 2 (room for a token and </s>)")
+        _require(
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+            "device",
+            "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'",
+        )
+
+
+@dataclass
+class UNetConfig:
+    """Settings shared by both network types; ``type`` picks the subclass."""
+
+    type: str = "unet"
+    image_size: int = 64
+    channels: int = 1
+    base_channels: int = 128
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    # Resolutions (in pixels) of the levels that get self-attention / text cross-attention.
+    attention_resolutions: list[int] = field(default_factory=lambda: [32, 16, 8])
+    cross_attention_resolutions: list[int] = field(default_factory=lambda: [32, 16, 8])
+    num_head_channels: int = 64
+    dropout: float = 0.0
+    text_pooling: Literal["attention", "mean"] = "attention"
+    text_layernorm: bool = True
+
+    def level_resolutions(self) -> list[int]:
+        """Resolution of each U-Net level, highest first (each level halves it)."""
+        return [self.image_size // 2**level for level in range(len(self.channel_mults))]
+
+    def validate(self) -> None:
+        _require(self.image_size >= 1, "image_size", "a positive integer")
+        _require(self.channels >= 1, "channels", "a positive integer (1 for grey, 3 for RGB)")
+        _require(self.base_channels >= 1, "base_channels", "a positive integer")
+        _require(
+            len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
+            "channel_mults",
+            "a non-empty list of positive integers",
+        )
+        factor = 2 ** (len(self.channel_mults) - 1)
+        _require(
+            self.image_size % factor == 0,
+            "channel_mults",
+            f"at most as many levels as unet.image_size={self.image_size} can be halved: "
+            f"{len(self.channel_mults)} levels need a size divisible by {factor}",
+        )
+        levels = self.level_resolutions()
+        for key in ("attention_resolutions", "cross_attention_resolutions"):
+            wrong = [r for r in getattr(self, key) if r not in levels]
+            _require(not wrong, key, f"resolutions the U-Net has (its levels are {levels}); {wrong} is not")
+        _require(self.num_head_channels >= 1, "num_head_channels", "a positive integer")
+        for level, mult in enumerate(self.channel_mults):
+            width = self.base_channels * mult
+            if levels[level] in self.attention_resolutions + self.cross_attention_resolutions:
+                _require(
+                    width % self.num_head_channels == 0,
+                    "num_head_channels",
+                    f"a divisor of the width of every attention level ({width} channels at resolution "
+                    f"{levels[level]})",
+                )
+        _require(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
+
+
+@dataclass
+class BaseUNetConfig(UNetConfig):
+    """ADM / Improved-DDPM U-Net (the paper's base model)."""
+
+    type: Literal["unet"] = "unet"
+    num_res_blocks: int = 3
+    # Down/upsample inside residual blocks (BigGAN style) instead of by conv / interpolation.
+    resblock_updown: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.num_res_blocks >= 1, "num_res_blocks", "a positive integer")
+
+
+@dataclass
+class EfficientUNetConfig(UNetConfig):
+    """Efficient U-Net (the paper's super-resolution model, Appendix B.1)."""
+
+    type: Literal["efficient_unet"] = "efficient_unet"
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    # More residual blocks at lower resolutions: one count per level.
+    num_res_blocks: list[int] = field(default_factory=lambda: [2, 4, 8, 8])
+    # Empty: attention only at the lowest resolution, as in the paper.
+    attention_resolutions: list[int] = field(default_factory=list)
+    cross_attention_resolutions: list[int] = field(default_factory=list)
+    scale_skip_connections: bool = True
+    # False drops self-attention but keeps text cross-attention (the 256->1024 model).
+    self_attention: bool = True
+
+    def __post_init__(self) -> None:
+        lowest = self.image_size // 2 ** max(len(self.channel_mults) - 1, 0)
+        if not self.attention_resolutions:
+            self.attention_resolutions = [lowest]
+        if not self.cross_attention_resolutions:
+            self.cross_attention_resolutions = [lowest]
+
+    def validate(self) -> None:
+        super().validate()
+        _require(
+            len(self.num_res_blocks) == len(self.channel_mults) and all(n >= 1 for n in self.num_res_blocks),
+            "num_res_blocks",
+            f"one positive count per level ({len(self.channel_mults)} levels, as in unet.channel_mults)",
+        )
+
+
+UNET_TYPES: dict[str, type[UNetConfig]] = {"unet": BaseUNetConfig, "efficient_unet": EfficientUNetConfig}
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["cosine", "linear"] = "cosine"
+    timesteps: int = 1000
+    # What the network predicts: the noise (the paper) or v = sqrt(ab)*eps - sqrt(1-ab)*x0.
+    objective: Literal["eps", "v"] = "eps"
+    loss: Literal["mse"] = "mse"
+    # Min-SNR-gamma loss weighting (Hang et al. 2023); null = unweighted.
+    min_snr_gamma: Optional[float] = None
+    linear_beta_start: float = 1e-4
+    linear_beta_end: float = 0.02
+
+    def validate(self) -> None:
+        _require(self.timesteps >= 2, "timesteps", "an integer >= 2")
+        _require(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "a positive number or null")
+        _require(0 < self.linear_beta_start < 1, "linear_beta_start", "a number in (0, 1)")
+        _require(
+            self.linear_beta_start < self.linear_beta_end < 1,
+            "linear_beta_end",
+            "a number in (linear_beta_start, 1)",
+        )
+
+
+@dataclass
+class GuidanceConfig:
+    """Classifier-free guidance training: how often the text is replaced by the null condition."""
+
+    cond_drop_prob: float = 0.1
+    null_embedding: Literal["learned", "zeros"] = "learned"
+
+    def validate(self) -> None:
+        _check_probability(self.cond_drop_prob, "cond_drop_prob")
+
+
+@dataclass
+class ThresholdingConfig:
+    """Applied to the predicted x0 at every sampling step."""
+
+    mode: Literal["none", "static", "dynamic"] = "dynamic"
+    percentile: float = 99.5
+    # Upper cap on the dynamic threshold s (the paper has none; DeepFloyd IF uses 1.5).
+    max_threshold: Optional[float] = None
+
+    def validate(self) -> None:
+        _require(0.0 < self.percentile <= 100.0, "percentile", "a percentile in (0, 100]")
+        _require(
+            self.max_threshold is None or self.max_threshold >= 1.0,
+            "max_threshold",
+            "null or a number >= 1 (s is never below 1)",
+        )
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for sampling this stage; every one can be overridden per run."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 50
+    guidance: float = 5.0
+    # DDIM stochasticity: 0 is deterministic DDIM, 1 matches DDPM's variance.
+    eta: float = 0.0
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, "steps", "a positive integer")
+        _require(self.guidance >= 0.0, "guidance", "a guidance weight >= 0 (1 = conditional only)")
+        _require(self.eta >= 0.0, "eta", "a number >= 0")
+        _require(self.batch_size >= 1, "batch_size", "a positive integer")
+
+
+@dataclass
+class SuperResolutionConfig:
+    """Present only in super-resolution stages."""
+
+    low_res_size: int
+    upsample: Literal["bilinear", "bicubic"] = "bilinear"
+    # Noise conditioning augmentation: training draws the level uniformly from this
+    # range (a fraction of the diffusion timesteps); sampling uses sample_aug_level.
+    train_aug_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    sample_aug_level: float = 0.2
+
+    def validate(self) -> None:
+        _require(self.low_res_size >= 1, "low_res_size", "a positive integer")
+        aug_range = self.train_aug_range
+        _require(
+            len(aug_range) == 2 and 0.0 <= aug_range[0] <= aug_range[1] <= 1.0,
+            "train_aug_range",
+            "a list [low, high] with 0 <= low <= high <= 1",
+        )
+        _check_probability(self.sample_aug_level, "sample_aug_level")
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["mnist", "caption_folder"] = "mnist"
+    # mnist: the torchvision root (holding MNIST/raw); caption_folder: the image folder.
+    root: str = "data"
+    download: bool = False
+    split: Literal["train", "test"] = "train"
+    # MNIST prompts: the digit as a word ("seven"), a numeral ("7") or either at random.
+    prompt_style: Literal["words", "numerals", "both"] = "both"
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.root.strip() != "", "root", "a folder path")
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 64
+    max_steps: int = 10000
+    lr: float = 1e-4
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 1000
+    optimizer: Literal["adamw", "adam", "adafactor"] = "adamw"
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: Optional[float] = 1.0
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.9999
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    checkpoint_every: int = 1000
+    sample_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    output_dir: str = "runs/stage"
+    compile: bool = False
+
+    def validate(self) -> None:
+        for key in ("batch_size", "max_steps", "grad_accum_steps", "checkpoint_every", "sample_every", "log_every"):
+            _require(getattr(self, key) >= 1, key, "a positive integer")
+        _require(self.lr > 0, "lr", "a positive learning rate")
+        _require(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        _require(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        _require(
+            len(self.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in self.adam_betas),
+            "adam_betas",
+            "a list of two numbers in [0, 1)",
+        )
+        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "a positive number or null")
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "a number in [0, 1)")
+        _require(self.output_dir.strip() != "", "output_dir", "a folder path")
+
+
+@dataclass
+class StageConfig:
+    """One cascade stage: everything needed to train and sample it."""
+
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: Union[BaseUNetConfig, EfficientUNetConfig] = field(default_factory=BaseUNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    thresholding: ThresholdingConfig = field(default_factory=ThresholdingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    super_resolution: Optional[SuperResolutionConfig] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @property
+    def is_super_resolution(self) -> bool:
+        return self.super_resolution is not None
+
+    def validate(self) -> None:
+        _require(
+            self.sampling.steps <= self.diffusion.timesteps,
+            "sampling.steps",
+            f"at most diffusion.timesteps ({self.diffusion.timesteps})",
+        )
+        if self.super_resolution is not None:
+            _require(
+                self.super_resolution.low_res_size < self.unet.image_size,
+                "super_resolution.low_res_size",
+                f"a size below unet.image_size ({self.unet.image_size})",
+            )
+
+
+@dataclass
+class CascadeConfig:
+    """A cascade file: its stage files in order (paths relative to the cascade file), base first."""
+
+    stages: list[str]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _describe(annotation: Any) -> str:
+    """Human wording of a type annotation, for "expected ..." messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is bool:
+        return "true or false"
+    if annotation is int:
+        return "an integer"
+    if annotation is float:
+        return "a number"
+    if annotation is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        item = _describe(args[0])
+        return "a list of " + re.sub(r"^an? ", "", item) + ("s" if not item.startswith("one of") else "")
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _describe(options[0]) + " or null"
+        return "a mapping with a 'type' key"
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping of keys"
+    return str(annotation)
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+class _Context:
+    """Where the raw values came from, so messages name the file or the ``--set`` argument."""
+
+    def __init__(self, source: str, overrides: dict[str, str] | None = None):
+        self.source = source
+        self.overrides = overrides or {}
+
+    def origin(self, path: str) -> str:
+        for key, argument in self.overrides.items():
+            if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+                return f"{self.source} (overridden by --set {argument})"
+        return self.source
+
+    def error(self, path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.origin(path)}: {message}")
+
+    def wrong_value(self, path: str, expected: str, value: Any) -> ConfigError:
+        shown = repr(value)
+        if isinstance(value, dict) or len(shown) > 80:
+            shown = _type_name(value)
+        return self.error(path, f"invalid value for '{path}': expected {expected}, got {shown}.")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _convert(annotation: Any, value: Any, path: str, ctx: _Context) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin is Literal:
+        if value in args and isinstance(value, str):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ctx.error(path, f"invalid value for '{path}': expected {_describe(annotation)}, got {value!r}{hint}.")
+    elif origin is list:
+        if isinstance(value, list):
+            return [_convert(args[0], item, f"{path}[{i}]", ctx) for i, item in enumerate(value)]
+    elif origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if len(options) == 1:
+            return _convert(options[0], value, path, ctx)
+        return _build_tagged(options, value, path, ctx)
+    elif dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, path, ctx)
+    raise ctx.wrong_value(path, _describe(annotation), value)
+
+
+def _build_tagged(variants: Sequence[type], value: Any, path: str, ctx: _Context) -> Any:
+    """A section whose ``type`` key selects the dataclass (e.g. ``unet.type``)."""
+    if not isinstance(value, dict):
+        raise ctx.wrong_value(path, "a mapping of keys", value)
+    by_type = {typing.get_args(typing.get_type_hints(v)["type"])[0]: v for v in variants}
+    chosen = value.get("type", next(iter(by_type)))
+    if chosen not in by_type:
+        close = difflib.get_close_matches(str(chosen), list(by_type), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ctx.error(
+            _join(path, "type"),
+            f"invalid value for '{_join(path, 'type')}': expected one of "
+            f"{', '.join(repr(t) for t in by_type)}, got {chosen!r}{hint}.",
+        )
+    return _build(by_type[chosen], value, path, ctx)
+
+
+def _build(cls: type, value: Any, path: str, ctx: _Context) -> Any:
+    if not isinstance(value, dict):
+        raise ctx.wrong_value(path or "<top level>", "a mapping of keys", value)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in value:
+        if key not in fields:
+            key_path = _join(path, str(key))
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{_join(path, close[0])}'?" if close else "."
+            where = f"'{path}'" if path else "a stage file"
+            if path and "type" in fields:
+                where += f" (type {getattr(cls, 'type', '')!r})"
+            raise ctx.error(
+                key_path,
+                f"unknown key '{key_path}'{hint} Valid keys in {where}: {', '.join(fields)}.",
+            )
+    kwargs = {}
+    for name, spec in fields.items():
+        key_path = _join(path, name)
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], key_path, ctx)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ctx.error(key_path, f"missing required key '{key_path}' ({_describe(hints[name])}).")
+    instance = cls(**kwargs)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except _Invalid as invalid:
+            key_path = _join(path, invalid.key)
+            raise ctx.wrong_value(key_path, invalid.expected, _lookup(instance, invalid.key)) from None
+    return instance
+
+
+def _lookup(instance: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        instance = getattr(instance, part)
+    return instance
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one) and
+    reads ``1e-4`` as a number (YAML 1.1 would read it as a string)."""
+
+
+def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+# YAML 1.1 also reads yes/no/on/off as booleans (so `mixed_precision: no` would be False);
+# like YAML 1.2, only true/false are booleans here.
+_StrictYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_StrictYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_without_duplicates)
+_StrictYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error becomes a :class:`ConfigError` with its line number."""
+    try:
+        return yaml.load(text, Loader=_StrictYamlLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: invalid YAML{where}: {problem}.") from None
+
+
+def _read_yaml_file(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (expected a YAML file{' — it is a folder' if path.is_dir() else ''}).")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc}).") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_override(argument: str) -> tuple[str, Any]:
+    """``'training.batch_size=64'`` -> ``('training.batch_size', 64)``; the value is read as YAML."""
+    key, sep, raw = argument.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(
+            f"--set {argument}: expected KEY=VALUE with a dotted key path, e.g. --set training.batch_size=64."
+        )
+    return key, parse_yaml(raw, f"--set {argument}")
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict[str, str]:
+    """Write each ``--set key.path=value`` into ``raw`` (in place); returns {key path: argument}."""
+    applied = {}
+    for argument in overrides:
+        key, value = parse_override(argument)
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {argument}: '{prefix}' is a single value, not a section with keys.")
+            node = child
+        node[parts[-1]] = value
+        applied[key] = argument
+    return applied
+
+
+def stage_config_from_dict(raw: Any, source: str = "<config>", overrides: Sequence[str] = ()) -> StageConfig:
+    """Validate a raw mapping (as read from YAML) into a :class:`StageConfig`."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (text_encoder, unet, ...), got {_type_name(raw)}.")
+    applied = apply_overrides(raw, overrides)
+    ctx = _Context(source, applied)
+    config = _build(StageConfig, raw, "", ctx)
+    return config
+
+
+def load_stage_config(path: str | Path, overrides: Sequence[str] = ()) -> StageConfig:
+    """Load and validate one stage file, applying ``--set`` overrides first."""
+    return stage_config_from_dict(_read_yaml_file(path), str(path), overrides)
+
+
+@dataclass
+class LoadedCascade:
+    """A cascade file resolved into its stages, base first."""
+
+    path: Path
+    stage_paths: list[Path]
+    stages: list[StageConfig]
+
+
+def check_stage_order(stages: Sequence[StageConfig], names: Sequence[str]) -> None:
+    """Each stage must take exactly what the previous one produces."""
+    if stages[0].is_super_resolution:
+        raise ConfigError(f"{names[0]}: the first cascade stage must be a base stage (no super_resolution section).")
+    for index in range(1, len(stages)):
+        previous, stage = stages[index - 1], stages[index]
+        if stage.super_resolution is None:
+            raise ConfigError(
+                f"{names[index]}: cascade stage {index} must be a super-resolution stage "
+                "(it needs a super_resolution section with low_res_size)."
+            )
+        if stage.super_resolution.low_res_size != previous.unet.image_size:
+            raise ConfigError(
+                f"{names[index]}: super_resolution.low_res_size is {stage.super_resolution.low_res_size}, but the "
+                f"previous stage ({names[index - 1]}) produces {previous.unet.image_size}x"
+                f"{previous.unet.image_size} images; they must match."
+            )
+        if stage.unet.channels != previous.unet.channels:
+            raise ConfigError(
+                f"{names[index]}: unet.channels is {stage.unet.channels}, but the previous stage "
+                f"({names[index - 1]}) produces {previous.unet.channels}-channel images; they must match."
+            )
+
+
+def load_cascade_config(path: str | Path) -> LoadedCascade:
+    """Load a cascade file and every stage file it lists (relative to the cascade file)."""
+    path = Path(path)
+    raw = _read_yaml_file(path)
+    cascade = _build(CascadeConfig, {} if raw is None else raw, "", _Context(str(path)))
+    if not cascade.stages:
+        raise ConfigError(f"{path}: invalid value for 'stages': expected at least one stage file, got an empty list.")
+    stage_paths = [path.parent / stage for stage in cascade.stages]
+    stages = [load_stage_config(stage_path) for stage_path in stage_paths]
+    check_stage_order(stages, [str(p) for p in stage_paths])
+    return LoadedCascade(path, stage_paths, stages)
+
+
+def config_to_dict(config: Any) -> dict:
+    """Plain dict of a config (lists, numbers, strings), ready for YAML or JSON."""
+    return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: Any) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
+
+
+def save_config(config: StageConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically), loadable by :func:`load_stage_config`."""
+    atomic_write(path, config_to_yaml(config))

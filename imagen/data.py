@@ -1,0 +1,190 @@
+"""Training data: MNIST digits with text prompts, and folders of captioned images.
+
+Both datasets yield ``(image, prompt)`` with images as (C, H, W) float in [-1, 1] at the
+stage's resolution, and expose ``prompts`` (the distinct prompts, for the embedding
+cache) and ``prompt_indices`` (each item's index into ``prompts``) so a trainer can
+look embeddings up by index instead of by string.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from imagen.errors import ImagenError
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PROMPT_STYLES = ("words", "numerals", "both")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ImagenError):
+    """A data folder that does not hold what the config says it holds."""
+
+
+def digit_prompts(style: str) -> list[str]:
+    """The distinct prompts of a style: words ("seven"), numerals ("7"), or words then numerals."""
+    words, numerals = list(DIGIT_WORDS), [str(digit) for digit in range(10)]
+    prompts = {"words": words, "numerals": numerals, "both": words + numerals}
+    if style not in prompts:
+        raise DataError(f"data.prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {style!r}.")
+    return prompts[style]
+
+
+def to_model_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """uint8 images (N, 1 or 3, h, w) -> float (N, channels, size, size) in [-1, 1].
+
+    Resizing is antialiased bicubic (antialiasing matters when shrinking: it keeps the
+    low-resolution inputs of super-resolution stages free of aliasing).
+    """
+    images = images.float() / 255.0
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        images = images.clamp(0.0, 1.0)
+    if images.shape[1] == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    elif images.shape[1] == 3 and channels == 1:
+        luma = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+        images = (images * luma).sum(dim=1, keepdim=True)
+    return images * 2.0 - 1.0
+
+
+class MNISTTextDataset(Dataset):
+    """MNIST digits, each paired with its digit as a word or a numeral.
+
+    The raw 28x28 digits stay in memory as uint8 and are resized per batch, so any stage
+    resolution costs the same memory. With ``prompt_style='both'`` each digit's prompt
+    style is drawn per epoch (:meth:`set_epoch`) from a generator seeded by ``seed``, so
+    runs are reproducible yet every digit is seen with both styles.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int,
+        channels: int = 1,
+        split: str = "train",
+        prompt_style: str = "both",
+        seed: int = 0,
+        download: bool = False,
+    ):
+        from torchvision.datasets import MNIST
+
+        self.prompts = digit_prompts(prompt_style)
+        try:
+            mnist = MNIST(str(root), train=split == "train", download=download)
+        except (RuntimeError, OSError) as exc:
+            raise DataError(
+                f"data.root {str(root)!r} holds no MNIST {split} split ({' '.join(str(exc).split())}). "
+                f"Expected {Path(root) / 'MNIST' / 'raw'} with the idx files (e.g. train-images-idx3-ubyte); "
+                "point data.root at such a folder (offline copy: ../shared/data) or set data.download: true "
+                "on a machine with internet access."
+            ) from None
+        self.image_size = image_size
+        self.channels = channels
+        self.prompt_style = prompt_style
+        self.seed = seed
+        self.raw_images = mnist.data.unsqueeze(1)  # (N, 1, 28, 28) uint8
+        self.labels = mnist.targets.long()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the word/numeral choice of every digit for this epoch."""
+        if self.prompt_style == "both":
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            as_numeral = torch.rand(len(self.labels), generator=generator) < 0.5
+            self.prompt_indices = self.labels + 10 * as_numeral.long()
+        else:
+            self.prompt_indices = self.labels.clone()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get_batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] and prompt indices (B,) for ``indices``."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        images = to_model_images(self.raw_images[indices], self.image_size, self.channels)
+        return images, self.prompt_indices[indices]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        images, prompt_indices = self.get_batch([index])
+        return images[0], self.prompts[int(prompt_indices[0])]
+
+
+class CaptionFolderDataset(Dataset):
+    """A folder of images, each with a caption in a ``.txt`` file of the same name.
+
+    ``photos/cat.png`` + ``photos/cat.txt``; subfolders are searched too. Images are
+    centre-cropped to a square and resized; they are read from disk per item.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, channels: int = 3):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"data.root {str(root)!r} is not a folder (data.dataset: caption_folder expects one).")
+        self.image_paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.image_paths:
+            raise DataError(
+                f"data.root {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) for data.dataset: caption_folder."
+            )
+        uncaptioned = [p for p in self.image_paths if not p.with_suffix(".txt").is_file()]
+        if uncaptioned:
+            raise DataError(
+                f"data.root {str(root)!r}: {len(uncaptioned)} image(s) have no caption file, e.g. "
+                f"{uncaptioned[0]} needs {uncaptioned[0].with_suffix('.txt')} holding its caption."
+            )
+        captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.image_paths]
+        self.prompts = list(dict.fromkeys(captions))
+        position = {caption: index for index, caption in enumerate(self.prompts)}
+        self.prompt_indices = torch.tensor([position[caption] for caption in captions], dtype=torch.long)
+        self.image_size = image_size
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def _load(self, index: int) -> torch.Tensor:
+        """(1, C, h, h) uint8: the image, centre-cropped to a square."""
+        from PIL import Image
+
+        path = self.image_paths[index]
+        try:
+            with Image.open(path) as image:
+                pixels = torch.frombuffer(bytearray(image.convert("L" if self.channels == 1 else "RGB").tobytes()),
+                                          dtype=torch.uint8)
+                width, height = image.size
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read this image ({exc}).") from None
+        pixels = pixels.view(height, width, self.channels).permute(2, 0, 1)
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        return pixels[:, top : top + side, left : left + side].unsqueeze(0)
+
+    def get_batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] and prompt indices (B,) for ``indices``."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        images = torch.cat([to_model_images(self._load(int(i)), self.image_size, self.channels) for i in indices])
+        return images, self.prompt_indices[indices]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        images, prompt_indices = self.get_batch([index])
+        return images[0], self.prompts[int(prompt_indices[0])]
+
+
+def build_dataset(data_config, image_size: int, channels: int) -> MNISTTextDataset | CaptionFolderDataset:
+    """The dataset a stage's ``data`` section asks for, at the stage's resolution and channels."""
+    if data_config.dataset == "mnist":
+        return MNISTTextDataset(
+            data_config.root,
+            image_size,
+            channels,
+            split=data_config.split,
+            prompt_style=data_config.prompt_style,
+            seed=data_config.seed,
+            download=data_config.download,
+        )
+    return CaptionFolderDataset(data_config.root, image_size, channels)

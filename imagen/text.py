@@ -1,0 +1,327 @@
+"""Frozen T5 text encoding: per-token embeddings with padding masks, and an embedding cache.
+
+Imagen conditions every stage on the whole token sequence of a frozen T5 encoder, with
+embeddings computed ahead of time. :class:`T5TextEncoder` loads any Hugging Face T5
+(hub id or local folder) through ``from_pretrained``; ``tiny`` builds a small random T5
+offline and loads it through the very same path. :class:`TextEmbeddingCache` encodes
+each unique prompt once so the encoder never runs inside a training step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from imagen.checkpoint import atomic_write
+from imagen.data import DIGIT_WORDS
+from imagen.errors import ImagenError
+
+TINY_T5_NAME = "tiny"
+# Bump when build_tiny_t5 changes, so stale folders and cached embeddings are not reused.
+TINY_T5_VERSION = "tiny-t5-v1"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TextEncoderError(ImagenError):
+    """The configured T5 cannot be loaded."""
+
+
+class EncodedText(NamedTuple):
+    """Text condition for a batch of prompts.
+
+    embeddings: (B, L, D) float32, zero at padded positions.
+    mask: (B, L) bool, True for real tokens (including the closing ``</s>``).
+    """
+
+    embeddings: torch.Tensor
+    mask: torch.Tensor
+
+
+def cache_root() -> Path:
+    """Where built artefacts (the tiny T5) live: ``$IMAGEN_CACHE_DIR`` or ``~/.cache/imagen-mnist``."""
+    return Path(os.environ.get("IMAGEN_CACHE_DIR", Path.home() / ".cache" / "imagen-mnist"))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def make_tiny_t5():
+    """A small randomly initialised T5 encoder and its tokenizer, built offline: (tokenizer, model).
+
+    The tokenizer's pieces are trained with the ``tokenizers`` library on digit prompts
+    (so "seven" and "7" are single tokens; any other text falls back to characters and
+    ``<unk>``) and stored as a Unigram model, like T5's own, wrapped in ``T5TokenizerFast``
+    with T5's special tokens (``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2). The encoder is a
+    2-layer T5 v1.1-style model with seeded random weights, identical on every machine.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    templates = ("{}", "the digit {}", "a handwritten {}", "an image of the number {}", "a photo of a {}", "number {}")
+    digits = list(DIGIT_WORDS) + [str(d) for d in range(10)]
+    corpus = [template.format(digit) for template in templates for digit in digits]
+
+    # Learn the pieces with a BPE trainer (deterministic, and it keeps whole digit words),
+    # then store them as a Unigram model: the model type T5 tokenizers load.
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.normalizer = normalizers.NFKC()
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["<pad>", "</s>", "<unk>"]
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
+    trainer = trainers.BpeTrainer(
+        vocab_size=160, special_tokens=specials, initial_alphabet=list(alphabet), show_progress=False
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    pieces = sorted(bpe.get_vocab().items(), key=lambda item: item[1])
+    # Equal scores make Viterbi pick the fewest pieces, so whole words win over characters.
+    vocab = [(token, 0.0) for token in specials] + [(token, -1.0) for token, _ in pieces if token not in specials]
+    unigram = Tokenizer(models.Unigram(vocab, unk_id=2))
+    unigram.normalizer = normalizers.NFKC()
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    unigram.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=unigram, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=128,
+        d_kv=32,
+        num_heads=4,
+        d_ff=256,
+        num_layers=2,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T5EncoderModel(config)
+    return tokenizer, model.eval()
+
+
+def build_tiny_t5(folder: str | Path) -> Path:
+    """Save :func:`make_tiny_t5` to ``folder`` with ``save_pretrained``, so that it loads
+    through ``from_pretrained`` exactly as a real checkpoint does."""
+    folder = Path(folder)
+    tokenizer, model = make_tiny_t5()
+    # Build beside the target and rename, so a crash never leaves a half-written model.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging)
+        os.replace(staging, folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        # Another process (e.g. a second training rank) finished the same build first.
+        if not (folder / "config.json").is_file():
+            raise
+    return folder
+
+
+def tiny_t5_folder() -> Path:
+    """The tiny T5's folder in the cache, built on first use."""
+    folder = cache_root() / TINY_T5_VERSION
+    if not (folder / "config.json").is_file():
+        build_tiny_t5(folder)
+    return folder
+
+
+def encoder_identity(name: str) -> str:
+    """A stable name for the encoder's weights, used to key cached embeddings.
+
+    A hub id names its weights; a local folder is identified by its path and the bytes of
+    its ``config.json`` and the sizes of its weight files, so editing it invalidates the cache.
+    """
+    if name == TINY_T5_NAME:
+        return TINY_T5_VERSION
+    folder = Path(name)
+    if folder.is_dir():
+        digest = hashlib.sha256(str(folder.resolve()).encode())
+        config = folder / "config.json"
+        if config.is_file():
+            digest.update(config.read_bytes())
+        for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        return f"folder-{digest.hexdigest()[:16]}"
+    return name
+
+
+class T5TextEncoder:
+    """A frozen T5 encoder and its tokenizer.
+
+    Args:
+        name: a Hugging Face T5 id (``google/t5-v1_1-xxl``, ``t5-small``, ...), a local
+            folder saved with ``save_pretrained``, or ``tiny``.
+        max_length: prompts are padded (and truncated, with a warning) to this many tokens.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for the encoder's weights.
+        device: ``auto``, ``cpu``, ``cuda``, ...
+    """
+
+    def __init__(self, name: str, max_length: int = 77, dtype: str = "float32", device: str = "auto"):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.name = name
+        self.max_length = max_length
+        self.device = resolve_device(device)
+        source = tiny_t5_folder() if name == TINY_T5_NAME else os.path.expanduser(name)
+        if name.startswith(("/", "./", "../", "~")) and not Path(source).is_dir():
+            raise TextEncoderError(
+                f"The T5 text encoder folder {name!r} (text_encoder.name) does not exist. Set text_encoder.name "
+                "to a folder written by save_pretrained (config.json, weights and tokenizer files), a Hugging "
+                "Face T5 id, or tiny for a small random T5 built offline."
+            )
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            self.model = T5EncoderModel.from_pretrained(source, dtype=TORCH_DTYPES[dtype])
+        except Exception as exc:  # from_pretrained raises many types (OSError, ValueError, HTTP errors)
+            reason = " ".join(str(exc).split())[:400].rstrip(".")
+            raise TextEncoderError(
+                f"Could not load the T5 text encoder {name!r} (text_encoder.name): {reason}. "
+                "Without internet access a hub id cannot be downloaded: download the model on a machine "
+                "with access (e.g. T5EncoderModel.from_pretrained(...).save_pretrained(DIR) and the same for "
+                "its tokenizer), then set text_encoder.name to that local folder, or use "
+                "text_encoder.name: tiny for a small random T5 built offline."
+            ) from None
+        # Frozen: never trained, never in train mode (dropout off), never in a trained state_dict.
+        self.model.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        """D, the width of each token embedding."""
+        return self.model.config.d_model
+
+    def encode(self, prompts: Sequence[str]) -> EncodedText:
+        """Encode ``prompts`` -> embeddings (B, max_length, D) float32 on the CPU, mask (B, max_length)."""
+        prompts = list(prompts)
+        lengths = self.tokenizer(prompts, truncation=False)["input_ids"]
+        for prompt, ids in zip(prompts, lengths):
+            if len(ids) > self.max_length:
+                warnings.warn(
+                    f"prompt {prompt!r} has {len(ids)} tokens; it is truncated to "
+                    f"text_encoder.max_length={self.max_length}.",
+                    stacklevel=2,
+                )
+        batch = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        input_ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device).bool()
+        with torch.no_grad():
+            hidden = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        # T5 still writes values at padded positions; zero them so nothing downstream can use them.
+        embeddings = hidden.float() * mask[..., None]
+        return EncodedText(embeddings.cpu(), mask.cpu())
+
+
+class TextEmbeddingCache:
+    """Serves T5 embeddings per prompt, encoding each unique prompt once.
+
+    Embeddings live in memory and, with ``disk_dir``, also as one safetensors file per
+    prompt keyed by encoder identity, dtype, max_length and prompt, so later runs never
+    load the encoder at all. The encoder is created lazily by ``load_encoder`` on the
+    first prompt that is in neither place, and :meth:`release_encoder` frees it.
+    """
+
+    def __init__(
+        self,
+        load_encoder: Callable[[], T5TextEncoder],
+        identity: str,
+        max_length: int,
+        disk_dir: str | Path | None = None,
+        encode_batch_size: int = 64,
+    ):
+        self._load_encoder = load_encoder
+        self._encoder: T5TextEncoder | None = None
+        self.identity = identity
+        self.max_length = max_length
+        self.disk_dir = Path(disk_dir) if disk_dir is not None else None
+        self.encode_batch_size = encode_batch_size
+        self._memory: dict[str, torch.Tensor] = {}  # prompt -> (tokens, D) without padding
+
+    @classmethod
+    def from_config(cls, config) -> "TextEmbeddingCache":
+        """Build from a :class:`imagen.config.TextEncoderConfig`."""
+        return cls(
+            load_encoder=lambda: T5TextEncoder(config.name, config.max_length, config.dtype, config.device),
+            identity=f"{encoder_identity(config.name)}|{config.dtype}",
+            max_length=config.max_length,
+            disk_dir=config.embedding_cache_dir,
+        )
+
+    @property
+    def encoder(self) -> T5TextEncoder:
+        if self._encoder is None:
+            self._encoder = self._load_encoder()
+        return self._encoder
+
+    def release_encoder(self) -> None:
+        """Drop the encoder (all cached embeddings stay available)."""
+        self._encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _disk_path(self, prompt: str) -> Path:
+        key = hashlib.sha256(f"{self.identity}|{self.max_length}|{prompt}".encode()).hexdigest()[:40]
+        return self.disk_dir / f"{key}.safetensors"
+
+    def _read_disk(self, prompt: str) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        path = self._disk_path(prompt)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            if handle.metadata().get("prompt") != prompt:
+                return None
+            return handle.get_tensor("embeddings")
+
+    def _write_disk(self, prompt: str, tokens: torch.Tensor) -> None:
+        from safetensors.torch import save
+
+        payload = save({"embeddings": tokens.contiguous()}, metadata={"prompt": prompt, "encoder": self.identity})
+        atomic_write(self._disk_path(prompt), payload)
+
+    def precompute(self, prompts: Sequence[str]) -> None:
+        """Make sure every prompt is cached, encoding the missing ones in batches."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._memory]
+        if self.disk_dir is not None:
+            for prompt in list(missing):
+                tokens = self._read_disk(prompt)
+                if tokens is not None:
+                    self._memory[prompt] = tokens
+                    missing.remove(prompt)
+        for start in range(0, len(missing), self.encode_batch_size):
+            chunk = missing[start : start + self.encode_batch_size]
+            encoded = self.encoder.encode(chunk)
+            for prompt, embeddings, mask in zip(chunk, encoded.embeddings, encoded.mask):
+                tokens = embeddings[: int(mask.sum())].clone()
+                self._memory[prompt] = tokens
+                if self.disk_dir is not None:
+                    self._write_disk(prompt, tokens)
+
+    def encode(self, prompts: Sequence[str]) -> EncodedText:
+        """Embeddings (B, max_length, D) and mask (B, max_length) for ``prompts``, from the cache."""
+        prompts = list(prompts)
+        self.precompute(prompts)
+        stored = [self._memory[p] for p in prompts]
+        dim = stored[0].shape[-1] if stored else 0
+        embeddings = torch.zeros(len(prompts), self.max_length, dim)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
+        for row, tokens in enumerate(stored):
+            embeddings[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = True
+        return EncodedText(embeddings, mask)
