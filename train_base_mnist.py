@@ -1,14 +1,18 @@
 """Train the base stage of the cascade (text -> low-resolution digit) on MNIST.
 
     python train_base_mnist.py --config configs/mnist_cpu/base.yaml [--set key=value ...]
+                               [--output-dir DIR] [--resume]
 
-For now this validates the config: the base U-Net and the trainer are not built yet.
+The run folder (training.output_dir unless --output-dir is given) receives config.yaml,
+checkpoints/step_N/, samples/step_N.png and metrics.jsonl. Multi-GPU:
+accelerate launch train_base_mnist.py --config ...
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from imagen.cli import add_stage_arguments, load_config_from_args, run_script
 from imagen.errors import ImagenError
@@ -24,8 +28,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.config} is a super-resolution stage (it has a super_resolution section); "
             "train it with train_sr_mnist.py."
         )
-    print(f"{args.config}: valid base-stage config ({config.unet.type}, {config.unet.image_size}x{config.unet.image_size}).")
-    sys.exit("train_base_mnist.py: training is not implemented yet (the base U-Net and trainer come next); nothing was written.")
+    from imagen.trainer import Trainer  # heavy imports only once the arguments are valid
+
+    run_dir = Path(args.output_dir or config.training.output_dir)
+    Trainer(config, run_dir, resume=args.resume).train()
+    print(f"done: {run_dir}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,21 @@
-"""Files that must never be half-written: everything goes through a temporary file and a rename."""
+"""Checkpoints and other files that must never be half-written.
+
+Everything goes through a temporary file or folder and a rename. Checkpoints hold tensors
+in safetensors and everything else as JSON or YAML, so loading one never unpickles.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
+
+import torch
+
+from imagen.errors import ImagenError
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -26,3 +37,137 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+CHECKPOINTS = "checkpoints"
+_STEP_FOLDER = re.compile(r"^step_(\d{8})$")
+# Written last: a checkpoint folder without it is incomplete and never loaded.
+STATE_FILE = "state.json"
+
+
+class CheckpointError(ImagenError):
+    """A checkpoint that is missing, incomplete or does not fit the network."""
+
+
+def checkpoint_folder(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_FOLDER.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_FOLDER.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], state: dict, files: dict[str, str],
+                    keep: int | None = None) -> Path:
+    """Write a checkpoint folder atomically: ``tensors`` as ``<name>.safetensors``, ``files``
+    as text files, ``state`` as JSON; then delete all but the ``keep`` newest checkpoints.
+
+    Everything goes to a hidden staging folder that is renamed into place only when
+    complete, so a crash at any moment leaves the previous checkpoints intact.
+    """
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, named_tensors in tensors.items():
+            contiguous = {key: value.detach().contiguous().cpu() for key, value in named_tensors.items()}
+            save_file(contiguous, str(staging / f"{name}.safetensors"))
+        for name, text in files.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        for path in staging.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if folder.exists():  # a stale copy of the same step (e.g. a resumed run repeating it)
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in list_checkpoints(folder.parent.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (no pickle involved)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found.")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}).") from None
+
+
+def load_state(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not a complete checkpoint (no {STATE_FILE}).")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_weights_strictly(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors state dict into ``module``; any missing, unexpected or
+    differently shaped weight is an error, never a partial load."""
+    tensors = load_tensors(path)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or reshaped:
+        details = "; ".join(
+            f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("different shape", reshaped))
+            if keys
+        )
+        raise CheckpointError(
+            f"{path}: the weights do not fit the network built from the config ({details}). "
+            "The checkpoint comes from a different architecture or stage."
+        )
+    module.load_state_dict(tensors, strict=True)
+
+
+def flatten_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a nested state dict (e.g. an optimizer's) into tensors for safetensors and the
+    JSON-able rest, so no pickle is ever needed. Inverse: :func:`unflatten_state`."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value, key: str):
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+            return {"__tensor__": key}
+        if isinstance(value, dict):
+            return {"__dict__": [[k, walk(v, f"{key}.{k}")] for k, v in value.items()]}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{key}.{i}") for i, v in enumerate(value)]
+        return value
+
+    return tensors, walk(state, "root")
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], skeleton) -> dict:
+    def walk(value):
+        if isinstance(value, dict) and "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if isinstance(value, dict) and "__dict__" in value:
+            return {k: walk(v) for k, v in value["__dict__"]}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(skeleton)

@@ -230,7 +230,7 @@ class ThresholdingConfig:
 class SamplingConfig:
     """Defaults for sampling this stage; every one can be overridden per run."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddim"
     steps: int = 50
     guidance: float = 5.0
     # DDIM stochasticity: 0 is deterministic DDIM, 1 matches DDPM's variance.
@@ -294,16 +294,25 @@ class TrainingConfig:
     grad_clip: Optional[float] = 1.0
     grad_accum_steps: int = 1
     ema_decay: float = 0.9999
+    # Ramp the EMA decay up as min(ema_decay, (1 + step) / (10 + step)) so early averages
+    # are not dominated by the random initialisation.
+    ema_warmup: bool = True
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     checkpoint_every: int = 1000
     sample_every: int = 1000
     log_every: int = 50
+    # Older checkpoints beyond this many are deleted once a newer one is complete.
+    keep_checkpoints: int = 3
+    # Guidance weights of the sample grids written every sample_every steps.
+    sample_guidance: list[float] = field(default_factory=lambda: [1.0, 3.0, 5.0])
+    tensorboard: bool = False
     seed: int = 0
     output_dir: str = "runs/stage"
     compile: bool = False
 
     def validate(self) -> None:
-        for key in ("batch_size", "max_steps", "grad_accum_steps", "checkpoint_every", "sample_every", "log_every"):
+        for key in ("batch_size", "max_steps", "grad_accum_steps", "checkpoint_every", "sample_every", "log_every",
+                    "keep_checkpoints"):
             _require(getattr(self, key) >= 1, key, "a positive integer")
         _require(self.lr > 0, "lr", "a positive learning rate")
         _require(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
@@ -316,6 +325,11 @@ class TrainingConfig:
         _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "a positive number or null")
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "a number in [0, 1)")
         _require(self.output_dir.strip() != "", "output_dir", "a folder path")
+        _require(
+            len(self.sample_guidance) >= 1 and all(w >= 0 for w in self.sample_guidance),
+            "sample_guidance",
+            "a non-empty list of guidance weights >= 0",
+        )
 
 
 @dataclass

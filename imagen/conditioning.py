@@ -1,0 +1,92 @@
+"""What a U-Net is conditioned on besides the noisy image: text, and for
+super-resolution stages the low-resolution image and its augmentation level.
+
+Both network types use :class:`Conditioning`, so they treat text, the null condition of
+classifier-free guidance and the low-resolution input identically.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagen.attention import AttentionPool, check_text, masked_mean
+from imagen.nn import TimestepMLP
+
+
+class Conditioning(nn.Module):
+    """Builds the embedding added to every residual block and the text tokens for attention.
+
+    - The timestep is embedded (sinusoid + MLP) to ``emb_dim``.
+    - Rows with ``drop_text`` get the null condition instead of their text: a single
+      valid token that is learned (``null_embedding='learned'``) or zero, all else masked.
+    - The text is pooled (attention pooling or masked mean, after a LayerNorm), projected
+      and added to the timestep embedding, as in Imagen.
+    - Super-resolution: the augmentation level (in [0, 1]) of the low-res input is embedded
+      like a timestep and added too, so the network knows how noisy its input is.
+
+    Args:
+        text_dim: D of the T5 embeddings.
+        emb_dim: width of the time embedding fed to residual blocks.
+        base_channels: width of the sinusoidal features.
+        timesteps: number of diffusion timesteps; augmentation levels are scaled to it.
+    """
+
+    def __init__(self, text_dim: int, emb_dim: int, base_channels: int, timesteps: int,
+                 pooling: str = "attention", text_layernorm: bool = True, null_embedding: str = "learned",
+                 num_head_channels: int = 64, low_res: bool = False):
+        super().__init__()
+        self.text_dim = text_dim
+        self.timesteps = timesteps
+        self.time_embed = TimestepMLP(base_channels, emb_dim)
+        if null_embedding == "learned":
+            self.null_token = nn.Parameter(torch.randn(text_dim) * 0.02)
+        else:
+            self.register_buffer("null_token", torch.zeros(text_dim), persistent=False)
+        self.pool_norm = nn.LayerNorm(text_dim) if text_layernorm else nn.Identity()
+        self.pool = AttentionPool(text_dim, num_head_channels) if pooling == "attention" else None
+        self.pooled_to_emb = nn.Sequential(nn.Linear(text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.aug_embed = TimestepMLP(base_channels, emb_dim) if low_res else None
+
+    def substitute_null(self, text: torch.Tensor, mask: torch.Tensor,
+                        drop_text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the rows where ``drop_text`` is True by the null condition."""
+        if drop_text is None:
+            return text, mask
+        assert drop_text.shape == (text.shape[0],) and drop_text.dtype == torch.bool, (
+            f"drop_text must be bool (B,), got {drop_text.dtype} {tuple(drop_text.shape)}"
+        )
+        null_text = torch.zeros_like(text)
+        null_text[:, 0] = self.null_token.to(text.dtype)
+        null_mask = torch.zeros_like(mask)
+        null_mask[:, 0] = True
+        text = torch.where(drop_text[:, None, None], null_text, text)
+        mask = torch.where(drop_text[:, None], null_mask, mask)
+        return text, mask
+
+    def forward(self, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                drop_text: torch.Tensor | None = None,
+                aug_level: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (emb (B, emb_dim), text (B, L, D), text_mask (B, L)) for the residual and attention blocks."""
+        batch = t.shape[0]
+        assert t.shape == (batch,), f"timesteps must be (B,), got {tuple(t.shape)}"
+        check_text(text, text_mask, batch, self.text_dim)
+        text, text_mask = self.substitute_null(text, text_mask, drop_text)
+        emb = self.time_embed(t)
+        normed = self.pool_norm(text)
+        pooled = self.pool(normed, text_mask) if self.pool is not None else masked_mean(normed, text_mask)
+        emb = emb + self.pooled_to_emb(pooled)
+        if self.aug_embed is not None:
+            assert aug_level is not None and aug_level.shape == (batch,), (
+                f"a super-resolution network needs aug_level (B,), got {None if aug_level is None else tuple(aug_level.shape)}"
+            )
+            emb = emb + self.aug_embed(aug_level * self.timesteps)
+        else:
+            assert aug_level is None, "aug_level given to a network without a low-resolution input"
+        return emb, text, text_mask
+
+
+def upsample_low_res(low_res: torch.Tensor, size: int, method: str) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, size, size) by bilinear or bicubic interpolation."""
+    return F.interpolate(low_res, size=(size, size), mode=method, align_corners=False)

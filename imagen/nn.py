@@ -1,0 +1,105 @@
+"""Small layers shared by both U-Nets: timestep embedding, normalisation, zero init."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: t (B,) -> (B, dim)."""
+    assert t.ndim == 1, f"timesteps must be (B,), got {tuple(t.shape)}"
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * frequencies[None]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups (ADM's choice) but at least 4 channels per group,
+    so narrow CPU-sized networks do not degrade to per-channel normalisation."""
+    groups = max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
+    return nn.GroupNorm(groups, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters: residual branches then start as the identity."""
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+class TimestepMLP(nn.Module):
+    """Timestep (or augmentation level) -> sinusoidal features -> MLP, as in ADM: (B,) -> (B, dim)."""
+
+    def __init__(self, base_channels: int, dim: int):
+        super().__init__()
+        self.base_channels = base_channels
+        self.mlp = nn.Sequential(nn.Linear(base_channels, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.base_channels))
+
+
+def resample(x: torch.Tensor, direction: str | None) -> torch.Tensor:
+    """Halve (``down``, average pooling) or double (``up``, nearest) the resolution."""
+    if direction == "down":
+        return nn.functional.avg_pool2d(x, 2)
+    if direction == "up":
+        return nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    return x
+
+
+class ResBlock(nn.Module):
+    """BigGAN-style residual block with scale-shift (adaptive group norm) conditioning.
+
+    ``emb`` (B, emb_dim) sets a per-channel scale and shift after the second norm;
+    ``direction`` resamples inside the block (both branches) instead of in a separate layer.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0,
+                 direction: str | None = None):
+        super().__init__()
+        self.direction = direction
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = resample(nn.functional.silu(self.norm1(x)), self.direction)
+        h = self.conv1(h)
+        scale, shift = self.emb_proj(nn.functional.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(nn.functional.silu(h)))
+        return self.skip(resample(x, self.direction)) + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution (used when resampling is not done inside residual blocks)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour doubling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(resample(x, "up"))

@@ -1,0 +1,345 @@
+"""The training loop shared by every cascade stage.
+
+accelerate handles devices, mixed precision and multi-process runs. Text embeddings for
+every prompt are computed once before training and the encoder is released; the loop
+then draws image batches by index and looks embeddings up in a table on the device.
+A run folder holds ``config.yaml`` (the resolved config), ``checkpoints/step_N/``
+(safetensors + JSON, written atomically), ``samples/step_N.png`` sample grids and
+``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from imagen.checkpoint import (
+    atomic_write,
+    checkpoint_folder,
+    flatten_state,
+    latest_checkpoint,
+    load_state,
+    load_tensors,
+    load_weights_strictly,
+    save_checkpoint,
+    unflatten_state,
+)
+from imagen.config import StageConfig, config_to_dict, config_to_yaml, stage_config_from_dict, parse_yaml
+from imagen.data import MNISTTextDataset, build_dataset, digit_prompts
+from imagen.errors import ImagenError
+from imagen.guidance import draw_cond_drop
+from imagen.stage import build_diffusion, build_network, sample_stage
+from imagen.text import EncodedText, TextEmbeddingCache
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES = "samples"
+
+
+class TrainingError(ImagenError):
+    """Training cannot go on (a run folder in the way, a non-finite loss, ...)."""
+
+
+class EMA:
+    """Exponential moving average of a network's weights, kept in float32 in its own copy.
+
+    With warmup the decay at optimizer step n is min(decay, (1 + n) / (10 + n)).
+    """
+
+    def __init__(self, network: nn.Module, decay: float, warmup: bool = True):
+        self.decay = decay
+        self.warmup = warmup
+        self.network = copy.deepcopy(network).float().eval().requires_grad_(False)
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, network: nn.Module, step: int) -> None:
+        """ema <- d * ema + (1 - d) * weights; buffers are copied."""
+        weight = 1.0 - self.decay_at(step)
+        for averaged, current in zip(self.network.parameters(), network.parameters()):
+            averaged.lerp_(current.detach().float(), weight)
+        for averaged, current in zip(self.network.buffers(), network.buffers()):
+            averaged.copy_(current)
+
+
+def build_optimizer(network: nn.Module, config: StageConfig) -> torch.optim.Optimizer:
+    training = config.training
+    if training.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Fixed learning rate from our schedule, not Adafactor's relative step size.
+        return Adafactor(network.parameters(), lr=training.lr, weight_decay=training.weight_decay,
+                         relative_step=False, scale_parameter=False, warmup_init=False)
+    optimizer = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(network.parameters(), lr=training.lr, betas=tuple(training.adam_betas),
+                     weight_decay=training.weight_decay)
+
+
+def lr_factor(step: int, config: StageConfig) -> float:
+    """Linear warmup to the base learning rate, then cosine decay to zero (or constant)."""
+    training = config.training
+    if step < training.warmup_steps:
+        return (step + 1) / training.warmup_steps
+    if training.lr_schedule == "constant":
+        return 1.0
+    progress = (step - training.warmup_steps) / max(1, training.max_steps - training.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def grid_prompts(dataset) -> list[str]:
+    """Prompts of the sample grids: all ten digits as words then as numerals (MNIST), else
+    the first ten captions."""
+    if isinstance(dataset, MNISTTextDataset):
+        return digit_prompts("words") + digit_prompts("numerals")
+    return dataset.prompts[:10]
+
+
+def save_png(images: torch.Tensor, path: Path, columns: int) -> None:
+    """Images (N, C, H, W) in [-1, 1] -> one PNG grid with ``columns`` per row (atomic)."""
+    from torchvision.utils import make_grid
+    from PIL import Image
+
+    grid = make_grid((images.float().cpu() + 1) / 2, nrow=columns, padding=2, pad_value=0.5)
+    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Refuse to start a new run over an existing one; on resume, return its latest checkpoint."""
+    has_run = (run_dir / CONFIG_FILE).exists() or (run_dir / "checkpoints").exists()
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise TrainingError(f"--resume: {run_dir} holds no complete checkpoint to resume from.")
+        return checkpoint
+    if has_run:
+        raise TrainingError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir "
+            "(a run is never overwritten)."
+        )
+    return None
+
+
+class Trainer:
+    """Trains one stage. ``train()`` runs until ``training.max_steps`` optimizer steps."""
+
+    def __init__(self, config: StageConfig, run_dir: str | Path, resume: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        if config.is_super_resolution:
+            raise TrainingError("super-resolution stages are not supported by the trainer yet.")
+        self.config = config
+        self.run_dir = Path(run_dir)
+        training = config.training
+        resume_from = prepare_run_dir(self.run_dir, resume)
+        self.accelerator = Accelerator(
+            mixed_precision=training.mixed_precision,
+            gradient_accumulation_steps=training.grad_accum_steps,
+            log_with="tensorboard" if training.tensorboard else None,
+            project_dir=str(self.run_dir),
+        )
+        set_seed(training.seed)
+        device = self.accelerator.device
+
+        self.dataset = build_dataset(config.data, config.unet.image_size, config.unet.channels)
+        cache = TextEmbeddingCache.from_config(config.text_encoder)
+        self.grid_prompts = grid_prompts(self.dataset)
+        cache.precompute(self.dataset.prompts + self.grid_prompts)
+        table = cache.encode(self.dataset.prompts)
+        self.grid_text = cache.encode(self.grid_prompts)
+        cache.release_encoder()  # the encoder never runs inside a training step
+        self.text_table = EncodedText(table.embeddings.to(device), table.mask.to(device))
+        text_dim = table.embeddings.shape[-1]
+
+        network = build_network(config, text_dim)
+        self.ema = EMA(network, training.ema_decay, training.ema_warmup)
+        optimizer = build_optimizer(network, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+        self.network, self.optimizer = self.accelerator.prepare(network, optimizer)
+        self.ema.network.to(device)
+        self.diffusion = build_diffusion(config)
+        rank = self.accelerator.process_index
+        # Batches (CPU) and noise/timesteps/dropping (device) draw from their own seeded generators.
+        self.data_generator = torch.Generator().manual_seed(training.seed * 7919 + rank)
+        self.noise_generator = torch.Generator(device=device).manual_seed(training.seed * 104729 + rank)
+        self.step = 0
+        self.text_dim = text_dim
+        if resume_from is not None:
+            self._load(resume_from)
+        elif self.accelerator.is_main_process:
+            atomic_write(self.run_dir / CONFIG_FILE, config_to_yaml(config))
+        if training.tensorboard:
+            self.accelerator.init_trackers("tensorboard")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        """Write ``checkpoints/step_N`` (main process only)."""
+        folder = checkpoint_folder(self.run_dir, self.step)
+        if not self.accelerator.is_main_process:
+            return folder
+        optimizer_tensors, optimizer_skeleton = flatten_state(self.optimizer.state_dict())
+        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
+               "noise": self.noise_generator.get_state().cpu()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+        state = {
+            "step": self.step,
+            "text_dim": self.text_dim,
+            "unet_type": self.config.unet.type,
+            "optimizer": optimizer_skeleton,
+            "scheduler": self.scheduler.state_dict(),
+        }
+        tensors = {
+            "model": self.accelerator.unwrap_model(self.network).state_dict(),
+            "ema": self.ema.network.state_dict(),
+            "optimizer": optimizer_tensors,
+            "rng": rng,
+        }
+        return save_checkpoint(folder, tensors, state, {CONFIG_FILE: config_to_yaml(self.config)},
+                               keep=self.config.training.keep_checkpoints)
+
+    def _load(self, folder: Path) -> None:
+        state = load_state(folder)
+        saved = stage_config_from_dict(parse_yaml((folder / CONFIG_FILE).read_text(), str(folder / CONFIG_FILE)),
+                                       str(folder / CONFIG_FILE))
+        changed = [k for k, v in _flat(config_to_dict(self.config)).items() if _flat(config_to_dict(saved)).get(k) != v]
+        if changed:
+            self.accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
+        load_weights_strictly(self.accelerator.unwrap_model(self.network), folder / "model.safetensors")
+        load_weights_strictly(self.ema.network, folder / "ema.safetensors")
+        self.optimizer.load_state_dict(unflatten_state(load_tensors(folder / "optimizer.safetensors"), state["optimizer"]))
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = load_tensors(folder / "rng.safetensors")
+        torch.set_rng_state(rng["torch"])
+        self.data_generator.set_state(rng["data"])
+        self.noise_generator.set_state(rng["noise"].to(self.noise_generator.device)
+                                       if self.noise_generator.device.type != "cpu" else rng["noise"])
+        if torch.cuda.is_available() and "cuda0" in rng:
+            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+        self.step = state["step"]
+
+    # ------------------------------------------------------------------ sampling
+
+    def write_sample_grid(self) -> Path:
+        """``samples/step_N.png``: per guidance weight, a row of words and a row of numerals
+        (MNIST; else the first captions), sampled with the EMA weights and a fixed seed."""
+        rows = []
+        for weight in self.config.training.sample_guidance:
+            generator = torch.Generator(device=self.accelerator.device).manual_seed(self.config.training.seed)
+            rows.append(sample_stage(self.ema.network, self.diffusion, self.config, self.grid_text,
+                                     guidance=weight, generator=generator))
+        path = self.run_dir / SAMPLES / f"step_{self.step:08d}.png"
+        save_png(torch.cat(rows), path, columns=10)
+        return path
+
+    # ------------------------------------------------------------------ training
+
+    def _batch(self) -> tuple[torch.Tensor, EncodedText]:
+        training = self.config.training
+        epoch = self.step * training.batch_size * training.grad_accum_steps // len(self.dataset)
+        if isinstance(self.dataset, MNISTTextDataset) and epoch != getattr(self, "_epoch", None):
+            self.dataset.set_epoch(epoch)
+            self._epoch = epoch
+        indices = torch.randint(len(self.dataset), (training.batch_size,), generator=self.data_generator)
+        images, prompt_indices = self.dataset.get_batch(indices)
+        prompt_indices = prompt_indices.to(self.accelerator.device)
+        text = EncodedText(self.text_table.embeddings[prompt_indices], self.text_table.mask[prompt_indices])
+        return images.to(self.accelerator.device), text
+
+    def _micro_step(self) -> dict[str, torch.Tensor]:
+        images, text = self._batch()
+        drop = draw_cond_drop(images.shape[0], self.config.guidance.cond_drop_prob,
+                              device=images.device, generator=self.noise_generator)
+        with self.accelerator.autocast():
+            losses = self.diffusion.training_losses(
+                self.network, images, generator=self.noise_generator,
+                min_snr_gamma=self.config.diffusion.min_snr_gamma,
+                text_emb=text.embeddings, text_mask=text.mask, drop_text=drop,
+            )
+        loss = losses["loss"].float().mean()
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {self.step + 1}; training stopped without writing a "
+                "checkpoint (the last good one is kept). Try a lower training.lr or mixed_precision: no."
+            )
+        self.accelerator.backward(loss)
+        return losses
+
+    def train(self) -> None:
+        training = self.config.training
+        accelerator = self.accelerator
+        self.network.train()
+        interval = {"loss": [], "t": [], "grad_norm": [], "images": 0, "start": time.perf_counter()}
+        progress = tqdm(total=training.max_steps, initial=self.step, desc="train", unit="step",
+                        disable=not accelerator.is_main_process, dynamic_ncols=True)
+        while self.step < training.max_steps:
+            for _ in range(training.grad_accum_steps):
+                with accelerator.accumulate(self.network):
+                    losses = self._micro_step()
+                    if accelerator.sync_gradients:  # the last micro-batch of this optimizer step
+                        clip = training.grad_clip if training.grad_clip is not None else float("inf")
+                        interval["grad_norm"].append(float(accelerator.clip_grad_norm_(self.network.parameters(), clip)))
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                interval["loss"].append(losses["mse"].detach().float().cpu())
+                interval["t"].append(losses["t"].cpu())
+                interval["images"] += losses["t"].numel() * accelerator.num_processes
+            self.step += 1
+            self.ema.update(accelerator.unwrap_model(self.network), self.step)
+            elapsed = time.perf_counter() - interval["start"]
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(interval['loss'][-1].mean()):.4f}",
+                                 img_s=f"{interval['images'] / max(elapsed, 1e-9):.1f}")
+            if self.step % training.log_every == 0 or self.step == training.max_steps:
+                self._log(interval, elapsed)
+                interval = {"loss": [], "t": [], "grad_norm": [], "images": 0, "start": time.perf_counter()}
+            if self.step % training.checkpoint_every == 0 or self.step == training.max_steps:
+                self.save()
+            if accelerator.is_main_process and (self.step % training.sample_every == 0 or self.step == training.max_steps):
+                self.write_sample_grid()
+        progress.close()
+        accelerator.end_training()
+
+    def _log(self, interval: dict, elapsed: float) -> None:
+        losses, timesteps = torch.cat(interval["loss"]), torch.cat(interval["t"])
+        quartile = timesteps * 4 // self.diffusion.num_timesteps
+        record = {
+            "step": self.step,
+            "loss": float(losses.mean()),
+            **{f"loss_q{q}": float(losses[quartile == q].mean()) for q in range(4) if (quartile == q).any()},
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": sum(interval["grad_norm"]) / max(1, len(interval["grad_norm"])),
+            "img_per_s": interval["images"] / max(elapsed, 1e-9),
+        }
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if self.config.training.tensorboard:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
