@@ -54,10 +54,9 @@ def test_sample_imagen_checks_stage_order(tmp_path):
     assert "low_res_size is 64" in result.stderr and "produces 16x16" in result.stderr
 
 
-@pytest.mark.parametrize("script, config", [("train_base_mnist.py", "configs/mnist_cpu/base.yaml"),
-                                            ("train_sr_mnist.py", "configs/mnist_cpu/sr.yaml")])
-def test_training_scripts_say_plainly_that_training_is_not_built_yet(script, config, tmp_path):
-    result = run(str(REPO_ROOT / script), "--config", str(REPO_ROOT / config), cwd=tmp_path)
+def test_sr_training_script_says_plainly_that_it_is_not_built_yet(tmp_path):
+    result = run(str(REPO_ROOT / "train_sr_mnist.py"), "--config", str(REPO_ROOT / "configs/mnist_cpu/sr.yaml"),
+                 cwd=tmp_path)
     assert result.returncode == 1
     assert "valid" in result.stdout
     assert "not implemented yet" in result.stderr and "nothing was written" in result.stderr

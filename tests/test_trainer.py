@@ -1,0 +1,161 @@
+"""The trainer: learning, EMA, learning-rate schedule, checkpoints, resume, the base script."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from imagen.checkpoint import latest_checkpoint, list_checkpoints
+from imagen.config import load_stage_config, stage_config_from_dict
+from imagen.data import MNISTTextDataset
+from imagen.stage import build_diffusion, build_network
+from imagen.trainer import EMA, Trainer, TrainingError, build_optimizer, lr_factor
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMALL_UNET = {"image_size": 16, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
+              "attention_resolutions": [8], "cross_attention_resolutions": [8], "num_head_channels": 16}
+
+
+def small_config(mnist_root, **training):
+    settings = {"batch_size": 8, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2, "sample_every": 100,
+                "log_every": 1, "sample_guidance": [1.0, 4.0]}
+    settings.update(training)
+    return stage_config_from_dict({
+        "text_encoder": {"name": "tiny", "max_length": 8, "device": "cpu"},
+        "unet": SMALL_UNET,
+        "sampling": {"steps": 3},
+        "data": {"root": str(mnist_root)},
+        "training": settings,
+    })
+
+
+def test_a_handful_of_real_digits_is_overfit(mnist_root):
+    torch.manual_seed(0)
+    config = stage_config_from_dict({
+        "unet": {**SMALL_UNET, "base_channels": 32, "num_head_channels": 32},
+        "training": {"lr": 2e-3, "warmup_steps": 0, "lr_schedule": "constant"},
+    })
+    images, prompt_indices = MNISTTextDataset(mnist_root, 16).get_batch(torch.arange(8))
+    prompts = torch.randn(20, 4, 32)
+    network, diffusion = build_network(config, 32), build_diffusion(config)
+    optimizer = build_optimizer(network, config)
+    x0 = images.repeat(4, 1, 1, 1)
+    cond = {"text_emb": prompts[prompt_indices].repeat(4, 1, 1), "text_mask": torch.ones(32, 4, dtype=torch.bool)}
+    generator = torch.Generator().manual_seed(0)
+    fixed_t, fixed_noise = torch.linspace(0, 999, 32).long(), torch.randn(x0.shape, generator=generator)
+
+    def held_loss():
+        with torch.no_grad():
+            return diffusion.training_losses(network, x0, fixed_t, fixed_noise, **cond)["mse"].mean().item()
+
+    before = held_loss()
+    for _ in range(30):
+        loss = diffusion.training_losses(network, x0, generator=generator, **cond)["loss"].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before == pytest.approx(1.0, abs=0.05)  # a zero-output network predicts eps = 0
+    assert held_loss() < 0.5 * before
+
+
+def test_ema_update_math():
+    network = torch.nn.Linear(3, 2)
+    ema = EMA(network, decay=0.9, warmup=False)
+    start = ema.network.weight.clone()
+    with torch.no_grad():
+        network.weight.add_(1.0)
+    ema.update(network, step=1)
+    assert torch.allclose(ema.network.weight, 0.9 * start + 0.1 * network.weight)
+    warm = EMA(network, decay=0.999, warmup=True)
+    assert warm.decay_at(0) == pytest.approx(0.1)
+    assert warm.decay_at(90) == pytest.approx(0.91)
+    assert warm.decay_at(10**6) == 0.999
+    assert not any(p.requires_grad for p in warm.network.parameters())
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    config = stage_config_from_dict({"training": {"warmup_steps": 10, "max_steps": 110}})
+    factors = [lr_factor(step, config) for step in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.5)
+    assert factors[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    constant = stage_config_from_dict({"training": {"warmup_steps": 0, "lr_schedule": "constant"}})
+    assert lr_factor(5000, constant) == 1.0
+
+
+def test_checkpoint_reload_gives_bit_identical_outputs(mnist_root, tmp_path):
+    trainer = Trainer(small_config(mnist_root), tmp_path / "run")
+    trainer.train()
+    resumed = Trainer(small_config(mnist_root), tmp_path / "run", resume=True)
+    assert resumed.step == 2
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([10, 900])
+    text = trainer.grid_text
+    kwargs = {"text_emb": text.embeddings[:2], "text_mask": text.mask[:2]}
+    for before, after in ((trainer.network, resumed.network), (trainer.ema.network, resumed.ema.network)):
+        before.eval(), after.eval()
+        with torch.no_grad():
+            assert torch.equal(before(x, t, **kwargs), after(x, t, **kwargs))
+    assert resumed.optimizer.state_dict()["state"][0]["exp_avg"].equal(trainer.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert resumed.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
+
+
+def test_non_finite_loss_stops_without_writing_a_checkpoint(mnist_root, tmp_path):
+    trainer = Trainer(small_config(mnist_root, max_steps=6, checkpoint_every=2), tmp_path / "run")
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output
+
+    trainer.network.register_forward_hook(poison)
+    with pytest.raises(TrainingError, match="loss became nan at step 3"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, "train_base_mnist.py", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_base_script_end_to_end(mnist_root, tmp_path):
+    run_dir = tmp_path / "base"
+    common = ["--config", "configs/mnist_cpu/base.yaml", "--output-dir", str(run_dir),
+              "--set", f"data.root={mnist_root}", "--set", "training.batch_size=8",
+              "--set", "training.log_every=1", "--set", "training.checkpoint_every=3", "--set", "training.sample_every=3",
+              "--set", "sampling.steps=3", "--set", "training.sample_guidance=[1, 3]"]
+    result = run_script(*common, "--set", "training.max_steps=3")
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stderr  # the tqdm bar
+
+    saved = load_stage_config(run_dir / "config.yaml")
+    assert saved == load_stage_config(REPO_ROOT / "configs/mnist_cpu/base.yaml",
+                                      [f"data.root={mnist_root}", "training.batch_size=8", "training.log_every=1",
+                                       "training.checkpoint_every=3", "training.sample_every=3", "sampling.steps=3",
+                                       "training.sample_guidance=[1, 3]", "training.max_steps=3"])
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint.name == "step_00000003"
+    assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
+            "config.yaml"} <= {p.name for p in checkpoint.iterdir()}
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert {"loss", "lr", "grad_norm", "img_per_s"} <= set(metrics[0])
+    assert any(key.startswith("loss_q") for key in metrics[0])
+    grid = Image.open(run_dir / "samples" / "step_00000003.png")
+    # 2 guidance weights x (words row + numerals row), 10 digits per row, 16 px + 2 px padding.
+    assert grid.size == (10 * 18 + 2, 4 * 18 + 2)
+
+    again = run_script(*common, "--set", "training.max_steps=3")
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr
+
+    resumed = run_script(*common, "--set", "training.max_steps=5", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert latest_checkpoint(run_dir).name == "step_00000005"
