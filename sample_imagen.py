@@ -1,36 +1,162 @@
 """Sample the whole cascade: text prompts -> base stage -> every super-resolution stage -> images.
 
-    python sample_imagen.py --checkpoint runs/base --checkpoint runs/sr --prompts seven 3 --output-dir out
+    python sample_imagen.py --checkpoint runs/mnist_cpu/base --checkpoint runs/mnist_cpu/sr \\
+        --prompts seven 3 "a handwritten nine" --num-per-prompt 4 --guidance 3 --output-dir out
 
-Each checkpoint folder holds the config.yaml its stage was trained with. For now this
-checks that the stages form a valid cascade: trained stages do not exist yet.
+Each --checkpoint is a stage's run folder (its latest checkpoint is used) or one
+checkpoints/step_N folder, base first. --guidance, --steps, --sampler and
+--thresholding take one value for every stage or a comma-separated value per stage;
+unset, each stage uses its config's sampling section. Writes OUT/grid.png (final images,
+one row per prompt), OUT/stage_<k>.png, OUT/images/<index>_<prompt>.png and
+OUT/metadata.json (every setting, so a run can be repeated exactly).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
 from imagen.cli import add_debug_argument, run_script
-from imagen.config import check_stage_order, load_stage_config
 from imagen.errors import ImagenError
+from imagen.diffusion import THRESHOLD_MODES
+from imagen.samplers import SAMPLERS
+
+
+def per_stage_values(text: str | None, name: str, kind: type, choices=None) -> list | None:
+    """'5' -> [5]; '5,3' -> [5, 3]; validated."""
+    if text is None:
+        return None
+    values = []
+    for item in text.split(","):
+        try:
+            value = kind(item.strip())
+        except ValueError:
+            raise ImagenError(f"{name} {text}: {item.strip()!r} is not a valid {kind.__name__}; give one value or "
+                              "a comma-separated value per stage.") from None
+        if choices is not None and value not in choices:
+            raise ImagenError(f"{name} {text}: unknown {value!r}; expected one of {', '.join(choices)}.")
+        if kind is int and value < 1:
+            raise ImagenError(f"{name} {text}: step counts must be positive integers.")
+        if kind is float and value < 0:
+            raise ImagenError(f"{name} {text}: guidance weights must be >= 0.")
+        values.append(value)
+    return values
+
+
+def safe_name(prompt: str, limit: int = 40) -> str:
+    """A prompt as a file-name fragment: letters, digits, '-' and '_' only, never empty."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt).strip("_")[:limit]
+    return name or "empty"
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompts_file is not None:
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImagenError(f"--prompts-file {args.prompts_file}: cannot read it ({exc}).") from None
+        prompts = list(args.prompts or []) + lines
+    else:
+        prompts = list(args.prompts or [])
+    if not prompts:
+        raise ImagenError("no prompts: give --prompts TEXT [TEXT ...] or --prompts-file FILE (one prompt per line).")
+    return prompts
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", action="append", required=True, help="a stage's run folder, base first (repeat per stage)")
-    parser.add_argument("--prompts", nargs="+", default=[], help="text prompts")
-    parser.add_argument("--output-dir", help="where images go")
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="a stage's run folder or checkpoints/step_N folder; repeat per stage, base first")
+    parser.add_argument("--prompts", nargs="+", help="text prompts")
+    parser.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
+    parser.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--guidance", help="guidance weight, or one per stage: 5 or 5,3")
+    parser.add_argument("--steps", help="sampling steps, or one per stage: 50 or 50,25")
+    parser.add_argument("--sampler", help=f"{' | '.join(SAMPLERS)}, or one per stage")
+    parser.add_argument("--thresholding", help=f"{' | '.join(THRESHOLD_MODES)}, or one per stage")
+    parser.add_argument("--sample-aug-level", type=float, help="noise level of the super-resolution inputs, in [0, 1]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: each stage's sampling.batch_size)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
+    parser.add_argument("--output-dir", required=True, help="where the images and metadata.json go")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output-dir")
     add_debug_argument(parser)
     args = parser.parse_args(argv)
-    configs = []
-    for folder in map(Path, args.checkpoint):
-        if not (folder / "config.yaml").is_file():
-            raise ImagenError(f"--checkpoint {folder}: no config.yaml there; expected a stage's run folder.")
-        configs.append(load_stage_config(folder / "config.yaml"))
-    check_stage_order(configs, [str(Path(c) / "config.yaml") for c in args.checkpoint])
-    sys.exit("sample_imagen.py: sampling is not implemented yet (no stage can be trained yet); nothing was written.")
+
+    prompts = read_prompts(args)
+    if args.num_per_prompt < 1:
+        raise ImagenError(f"--num-per-prompt {args.num_per_prompt}: expected a positive integer.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ImagenError(f"--batch-size {args.batch_size}: expected a positive integer.")
+    if args.sample_aug_level is not None and not 0.0 <= args.sample_aug_level <= 1.0:
+        raise ImagenError(f"--sample-aug-level {args.sample_aug_level}: expected a level in [0, 1].")
+    settings = {
+        "guidance": per_stage_values(args.guidance, "--guidance", float),
+        "steps": per_stage_values(args.steps, "--steps", int),
+        "sampler": per_stage_values(args.sampler, "--sampler", str, tuple(SAMPLERS)),
+        "thresholding": per_stage_values(args.thresholding, "--thresholding", str, THRESHOLD_MODES),
+    }
+    output = Path(args.output_dir)
+    if (output / "metadata.json").exists() and not args.overwrite:
+        raise ImagenError(f"--output-dir {output} already holds samples (metadata.json); pass --overwrite to "
+                          "replace them or choose another folder.")
+
+    from imagen.cascade import Cascade, per_stage
+    from imagen.checkpoint import atomic_write
+    from imagen.trainer import save_png
+
+    cascade = Cascade.from_checkpoints(args.checkpoint, device=args.device, weights=args.weights)
+    count = len(cascade.stages)
+    # One value for all stages, or exactly one per stage (None: the stage's config decides).
+    resolved = {name: per_stage(values[0] if values and len(values) == 1 else values, count, f"--{name}")
+                for name, values in settings.items()}
+    for index, stage in enumerate(cascade.stages):
+        steps = resolved["steps"][index]
+        if steps is not None and steps > stage.config.diffusion.timesteps:
+            raise ImagenError(f"--steps {args.steps}: stage {index} has only {stage.config.diffusion.timesteps} timesteps.")
+    all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
+    result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
+                            batch_size=args.batch_size, progress=True)
+
+    columns = args.num_per_prompt if args.num_per_prompt > 1 else min(10, len(all_prompts))
+    save_png(result.images, output / "grid.png", columns)
+    for index, images in enumerate(result.stages):
+        save_png(images, output / f"stage_{index}.png", columns)
+    width = len(str(len(all_prompts) - 1))
+    files = []
+    for index, (prompt, image) in enumerate(zip(all_prompts, result.images)):
+        path = output / "images" / f"{index:0{width}d}_{safe_name(prompt)}.png"
+        save_png(image[None], path, 1)
+        files.append(str(path.relative_to(output)))
+    metadata = {
+        "prompts": prompts,
+        "num_per_prompt": args.num_per_prompt,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": str(cascade.device),
+        "weights": args.weights,
+        "stages": [
+            {
+                "checkpoint": str(stage.checkpoint),
+                "step": stage.step,
+                "image_size": stage.config.unet.image_size,
+                "guidance": resolved["guidance"][i] if resolved["guidance"][i] is not None else stage.config.sampling.guidance,
+                "steps": resolved["steps"][i] or stage.config.sampling.steps,
+                "sampler": resolved["sampler"][i] or stage.config.sampling.sampler,
+                "thresholding": resolved["thresholding"][i] or stage.config.thresholding.mode,
+                **({"sample_aug_level": args.sample_aug_level if args.sample_aug_level is not None
+                    else stage.config.super_resolution.sample_aug_level} if stage.config.super_resolution else {}),
+            }
+            for i, stage in enumerate(cascade.stages)
+        ],
+        "images": files,
+    }
+    atomic_write(output / "metadata.json", json.dumps(metadata, indent=1, ensure_ascii=False))
+    print(f"wrote {len(files)} images to {output}")
 
 
 if __name__ == "__main__":

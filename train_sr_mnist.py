@@ -1,31 +1,22 @@
 """Train one super-resolution stage of the cascade (low-res digit + text -> high-res) on MNIST.
 
     python train_sr_mnist.py --config configs/mnist_cpu/sr.yaml [--set key=value ...]
+                             [--output-dir DIR] [--resume]
 
-For now this validates the config: the Efficient U-Net and the trainer are not built yet.
+The high-resolution target is each MNIST digit at unet.image_size; its antialiased
+downsample to super_resolution.low_res_size is the low-res input, noise-augmented at a
+random level in super_resolution.train_aug_range. Same run folder layout as
+train_base_mnist.py; the sample grids show the low-res input, the output per guidance
+weight and the ground truth.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from imagen.cli import add_stage_arguments, load_config_from_args, run_script
-from imagen.errors import ImagenError
+from imagen.cli import run_script, train_stage
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_stage_arguments(parser)
-    args = parser.parse_args(argv)
-    config = load_config_from_args(args)
-    if config.super_resolution is None:
-        raise ImagenError(
-            f"{args.config} is a base stage (it has no super_resolution section); train it with train_base_mnist.py."
-        )
-    size, low = config.unet.image_size, config.super_resolution.low_res_size
-    print(f"{args.config}: valid super-resolution config ({config.unet.type}, {low}->{size}).")
-    sys.exit("train_sr_mnist.py: training is not implemented yet (the Efficient U-Net and trainer come next); nothing was written.")
+    train_stage(argv, __doc__, super_resolution=True)
 
 
 if __name__ == "__main__":

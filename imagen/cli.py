@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from imagen.config import StageConfig, load_stage_config
@@ -48,3 +49,25 @@ def run_script(main: Callable[[Sequence[str] | None], None], argv: Sequence[str]
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def train_stage(argv: Sequence[str] | None, description: str, super_resolution: bool) -> None:
+    """The body of both training scripts: parse, load the config, check the stage kind, train."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_stage_arguments(parser)
+    args = parser.parse_args(argv)
+    config = load_config_from_args(args)
+    if config.is_super_resolution and not super_resolution:
+        raise ImagenError(
+            f"{args.config} is a super-resolution stage (it has a super_resolution section); "
+            "train it with train_sr_mnist.py."
+        )
+    if super_resolution and not config.is_super_resolution:
+        raise ImagenError(
+            f"{args.config} is a base stage (it has no super_resolution section); train it with train_base_mnist.py."
+        )
+    from imagen.trainer import Trainer  # heavy imports only once the arguments are valid
+
+    run_dir = Path(args.output_dir or config.training.output_dir)
+    Trainer(config, run_dir, resume=args.resume).train()
+    print(f"done: {run_dir}")

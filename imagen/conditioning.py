@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagen.attention import AttentionPool, check_text, masked_mean
+from imagen.config import SuperResolutionConfig, UNetConfig
 from imagen.nn import TimestepMLP
 
 
@@ -26,28 +27,39 @@ class Conditioning(nn.Module):
     - Super-resolution: the augmentation level (in [0, 1]) of the low-res input is embedded
       like a timestep and added too, so the network knows how noisy its input is.
 
+    - Super-resolution: the low-resolution image is upsampled and concatenated to the
+      noisy image as extra input channels.
+
     Args:
+        unet: the network's config (image size, channels, pooling, LayerNorm, head width).
         text_dim: D of the T5 embeddings.
         emb_dim: width of the time embedding fed to residual blocks.
-        base_channels: width of the sinusoidal features.
         timesteps: number of diffusion timesteps; augmentation levels are scaled to it.
     """
 
-    def __init__(self, text_dim: int, emb_dim: int, base_channels: int, timesteps: int,
-                 pooling: str = "attention", text_layernorm: bool = True, null_embedding: str = "learned",
-                 num_head_channels: int = 64, low_res: bool = False):
+    def __init__(self, unet: UNetConfig, text_dim: int, emb_dim: int, timesteps: int,
+                 null_embedding: str = "learned", super_resolution: SuperResolutionConfig | None = None):
         super().__init__()
+        self.image_size = unet.image_size
+        self.channels = unet.channels
+        self.super_resolution = super_resolution
         self.text_dim = text_dim
         self.timesteps = timesteps
-        self.time_embed = TimestepMLP(base_channels, emb_dim)
+        self.time_embed = TimestepMLP(unet.base_channels, emb_dim)
         if null_embedding == "learned":
             self.null_token = nn.Parameter(torch.randn(text_dim) * 0.02)
         else:
             self.register_buffer("null_token", torch.zeros(text_dim), persistent=False)
-        self.pool_norm = nn.LayerNorm(text_dim) if text_layernorm else nn.Identity()
-        self.pool = AttentionPool(text_dim, num_head_channels) if pooling == "attention" else None
+        self.pool_norm = nn.LayerNorm(text_dim) if unet.text_layernorm else nn.Identity()
+        self.pool = AttentionPool(text_dim, unet.num_head_channels) if unet.text_pooling == "attention" else None
         self.pooled_to_emb = nn.Sequential(nn.Linear(text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.aug_embed = TimestepMLP(base_channels, emb_dim) if low_res else None
+        self.aug_embed = TimestepMLP(unet.base_channels, emb_dim) if super_resolution is not None else None
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the network's first convolution: the noisy image, plus the
+        upsampled low-resolution image for super-resolution."""
+        return self.channels * (2 if self.super_resolution is not None else 1)
 
     def substitute_null(self, text: torch.Tensor, mask: torch.Tensor,
                         drop_text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,11 +77,13 @@ class Conditioning(nn.Module):
         mask = torch.where(drop_text[:, None], null_mask, mask)
         return text, mask
 
-    def forward(self, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                drop_text: torch.Tensor | None = None,
-                aug_level: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (emb (B, emb_dim), text (B, L, D), text_mask (B, L)) for the residual and attention blocks."""
-        batch = t.shape[0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                drop_text: torch.Tensor | None = None, low_res: torch.Tensor | None = None,
+                aug_level: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Check every input's shape and return, for the network's layers,
+        (input image (B, input_channels, H, W), emb (B, emb_dim), text (B, L, D), text_mask (B, L))."""
+        batch, size, channels = x.shape[0], self.image_size, self.channels
+        assert x.shape[1:] == (channels, size, size), f"expected x (B, {channels}, {size}, {size}), got {tuple(x.shape)}"
         assert t.shape == (batch,), f"timesteps must be (B,), got {tuple(t.shape)}"
         check_text(text, text_mask, batch, self.text_dim)
         text, text_mask = self.substitute_null(text, text_mask, drop_text)
@@ -77,14 +91,22 @@ class Conditioning(nn.Module):
         normed = self.pool_norm(text)
         pooled = self.pool(normed, text_mask) if self.pool is not None else masked_mean(normed, text_mask)
         emb = emb + self.pooled_to_emb(pooled)
-        if self.aug_embed is not None:
-            assert aug_level is not None and aug_level.shape == (batch,), (
-                f"a super-resolution network needs aug_level (B,), got {None if aug_level is None else tuple(aug_level.shape)}"
+        if self.super_resolution is None:
+            assert low_res is None and aug_level is None, (
+                "low_res / aug_level given to a base network (it has no super_resolution section)"
             )
-            emb = emb + self.aug_embed(aug_level * self.timesteps)
-        else:
-            assert aug_level is None, "aug_level given to a network without a low-resolution input"
-        return emb, text, text_mask
+            return x, emb, text, text_mask
+        low = self.super_resolution.low_res_size
+        assert low_res is not None and low_res.shape == (batch, channels, low, low), (
+            f"expected low_res (B, {channels}, {low}, {low}), got {None if low_res is None else tuple(low_res.shape)}"
+        )
+        assert aug_level is not None and aug_level.shape == (batch,), (
+            f"a super-resolution network needs aug_level (B,), got {None if aug_level is None else tuple(aug_level.shape)}"
+        )
+        # The level is a fraction of the diffusion; embed it on the timestep scale.
+        emb = emb + self.aug_embed(aug_level * (self.timesteps - 1))
+        upsampled = upsample_low_res(low_res, size, self.super_resolution.upsample).to(x.dtype)
+        return torch.cat([x, upsampled], dim=1), emb, text, text_mask
 
 
 def upsample_low_res(low_res: torch.Tensor, size: int, method: str) -> torch.Tensor:

@@ -174,11 +174,13 @@ def sample(
     thresholding: Thresholding = None,
     noise: torch.Tensor | None = None,
     eta: float = 0.0,
+    on_step: Callable[[SamplerStep], None] | None = None,
 ) -> torch.Tensor:
     """Run a sampler to the end and return the final sample (shape ``shape``).
 
     ``sampler``: one of SAMPLERS. ``steps``: respace ``diffusion`` to this many
     steps first (None: use its steps as they are). ``eta`` applies to DDIM only.
+    ``on_step`` is called with every step (e.g. to advance a progress bar).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {tuple(SAMPLERS)}")
@@ -190,6 +192,8 @@ def sample(
     loop = SAMPLERS[sampler](diffusion, model_fn, shape, generator=generator, device=device,
                              thresholding=thresholding, noise=noise, **extra)
     for step in loop:
+        if on_step is not None:
+            on_step(step)
         final = step.x
     return final
 

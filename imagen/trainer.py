@@ -33,10 +33,11 @@ from imagen.checkpoint import (
     unflatten_state,
 )
 from imagen.config import StageConfig, config_to_dict, config_to_yaml, stage_config_from_dict, parse_yaml
-from imagen.data import MNISTTextDataset, build_dataset, digit_prompts
+from imagen.data import DIGIT_WORDS, MNISTTextDataset, build_dataset, digit_prompts
 from imagen.errors import ImagenError
 from imagen.guidance import draw_cond_drop
 from imagen.stage import build_diffusion, build_network, sample_stage
+from imagen.super_resolution import downsample, draw_aug_levels, noise_augment
 from imagen.text import EncodedText, TextEmbeddingCache
 
 CONFIG_FILE = "config.yaml"
@@ -96,12 +97,24 @@ def lr_factor(step: int, config: StageConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def grid_prompts(dataset) -> list[str]:
-    """Prompts of the sample grids: all ten digits as words then as numerals (MNIST), else
-    the first ten captions."""
+def grid_examples(dataset, super_resolution: bool) -> tuple[list[str], torch.Tensor | None]:
+    """Prompts (and for super-resolution the ground-truth images) of the sample grids.
+
+    Base stages: all ten digits as words then as numerals (MNIST), else the first ten
+    captions. Super-resolution stages: one real image of each digit with its word, or
+    the first ten captioned images.
+    """
+    if not super_resolution:
+        if isinstance(dataset, MNISTTextDataset):
+            return digit_prompts("words") + digit_prompts("numerals"), None
+        return dataset.prompts[:10], None
     if isinstance(dataset, MNISTTextDataset):
-        return digit_prompts("words") + digit_prompts("numerals")
-    return dataset.prompts[:10]
+        indices = [int((dataset.labels == digit).nonzero()[0]) for digit in range(10)]
+        prompts = [DIGIT_WORDS[digit] for digit in range(10)]
+    else:
+        indices = list(range(min(10, len(dataset))))
+        prompts = [dataset[i][1] for i in indices]
+    return prompts, dataset.get_batch(indices)[0]
 
 
 def save_png(images: torch.Tensor, path: Path, columns: int) -> None:
@@ -140,8 +153,6 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        if config.is_super_resolution:
-            raise TrainingError("super-resolution stages are not supported by the trainer yet.")
         self.config = config
         self.run_dir = Path(run_dir)
         training = config.training
@@ -157,7 +168,7 @@ class Trainer:
 
         self.dataset = build_dataset(config.data, config.unet.image_size, config.unet.channels)
         cache = TextEmbeddingCache.from_config(config.text_encoder)
-        self.grid_prompts = grid_prompts(self.dataset)
+        self.grid_prompts, self.grid_images = grid_examples(self.dataset, config.is_super_resolution)
         cache.precompute(self.dataset.prompts + self.grid_prompts)
         table = cache.encode(self.dataset.prompts)
         self.grid_text = cache.encode(self.grid_prompts)
@@ -236,13 +247,23 @@ class Trainer:
     # ------------------------------------------------------------------ sampling
 
     def write_sample_grid(self) -> Path:
-        """``samples/step_N.png``: per guidance weight, a row of words and a row of numerals
-        (MNIST; else the first captions), sampled with the EMA weights and a fixed seed."""
+        """``samples/step_N.png`` from the EMA weights with a fixed seed, one row per line:
+
+        base: per guidance weight, the ten digits as words, then as numerals (MNIST);
+        super-resolution: the low-res input, the output per guidance weight, the ground truth.
+        """
         rows = []
+        low_res = None
+        if self.grid_images is not None:
+            size = self.config.unet.image_size
+            low_res = downsample(self.grid_images, self.config.super_resolution.low_res_size)
+            rows.append(torch.nn.functional.interpolate(low_res, size=(size, size), mode="nearest"))
         for weight in self.config.training.sample_guidance:
             generator = torch.Generator(device=self.accelerator.device).manual_seed(self.config.training.seed)
             rows.append(sample_stage(self.ema.network, self.diffusion, self.config, self.grid_text,
-                                     guidance=weight, generator=generator))
+                                     guidance=weight, generator=generator, low_res=low_res).cpu())
+        if self.grid_images is not None:
+            rows.append(self.grid_images)
         path = self.run_dir / SAMPLES / f"step_{self.step:08d}.png"
         save_png(torch.cat(rows), path, columns=10)
         return path
@@ -265,11 +286,20 @@ class Trainer:
         images, text = self._batch()
         drop = draw_cond_drop(images.shape[0], self.config.guidance.cond_drop_prob,
                               device=images.device, generator=self.noise_generator)
+        cond = {"text_emb": text.embeddings, "text_mask": text.mask, "drop_text": drop}
+        super_resolution = self.config.super_resolution
+        if super_resolution is not None:
+            # Noise conditioning augmentation: the same function sampling uses, at a random level.
+            levels = draw_aug_levels(images.shape[0], super_resolution.train_aug_range, device=images.device,
+                                     generator=self.noise_generator)
+            cond["low_res"], cond["aug_level"] = noise_augment(
+                self.diffusion, downsample(images, super_resolution.low_res_size), levels,
+                generator=self.noise_generator,
+            )
         with self.accelerator.autocast():
             losses = self.diffusion.training_losses(
                 self.network, images, generator=self.noise_generator,
-                min_snr_gamma=self.config.diffusion.min_snr_gamma,
-                text_emb=text.embeddings, text_mask=text.mask, drop_text=drop,
+                min_snr_gamma=self.config.diffusion.min_snr_gamma, **cond,
             )
         loss = losses["loss"].float().mean()
         if not torch.isfinite(loss):

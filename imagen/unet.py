@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from imagen.attention import AttentionBlock
-from imagen.conditioning import Conditioning, upsample_low_res
+from imagen.conditioning import Conditioning
 from imagen.config import BaseUNetConfig, SuperResolutionConfig
 from imagen.nn import Downsample, ResBlock, Upsample, group_norm, zero_module
 
@@ -55,16 +55,10 @@ class UNet(nn.Module):
                  super_resolution: SuperResolutionConfig | None = None):
         super().__init__()
         self.config = config
-        self.super_resolution = super_resolution
         base, mults = config.base_channels, config.channel_mults
         emb_dim = 4 * base
-        self.conditioning = Conditioning(
-            text_dim, emb_dim, base, timesteps, pooling=config.text_pooling, text_layernorm=config.text_layernorm,
-            null_embedding=null_embedding, num_head_channels=config.num_head_channels,
-            low_res=super_resolution is not None,
-        )
-        in_channels = config.channels * (2 if super_resolution is not None else 1)
-        self.input_conv = nn.Conv2d(in_channels, base, 3, padding=1)
+        self.conditioning = Conditioning(config, text_dim, emb_dim, timesteps, null_embedding, super_resolution)
+        self.input_conv = nn.Conv2d(self.conditioning.input_channels, base, 3, padding=1)
 
         self.down_blocks = nn.ModuleList()
         skip_channels, channels, resolution = [base], base, config.image_size
@@ -106,18 +100,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, text_emb: torch.Tensor, text_mask: torch.Tensor,
                 drop_text: torch.Tensor | None = None, low_res: torch.Tensor | None = None,
                 aug_level: torch.Tensor | None = None) -> torch.Tensor:
-        size, channels = self.config.image_size, self.config.channels
-        assert x.shape[1:] == (channels, size, size), f"expected x (B, {channels}, {size}, {size}), got {tuple(x.shape)}"
-        emb, text, text_mask = self.conditioning(t, text_emb, text_mask, drop_text, aug_level)
-        if self.super_resolution is not None:
-            low = self.super_resolution.low_res_size
-            assert low_res is not None and low_res.shape == (x.shape[0], channels, low, low), (
-                f"expected low_res (B, {channels}, {low}, {low}), got {None if low_res is None else tuple(low_res.shape)}"
-            )
-            x = torch.cat([x, upsample_low_res(low_res, size, self.super_resolution.upsample).to(x.dtype)], dim=1)
-        else:
-            assert low_res is None, "low_res given to a base network (it has no super_resolution section)"
-
+        x, emb, text, text_mask = self.conditioning(x, t, text_emb, text_mask, drop_text, low_res, aug_level)
         h = self.input_conv(x)
         skips = [h]
         for block in self.down_blocks:

@@ -142,7 +142,7 @@ def test_shape_checks_catch_transposed_text_and_wrong_masks():
         network(x, t, text_emb=text, text_mask=mask.float())
     with pytest.raises(AssertionError, match="expected x"):
         network(x[:, :, :8, :8], t, text_emb=text, text_mask=mask)
-    with pytest.raises(AssertionError, match="low_res given to a base network"):
+    with pytest.raises(AssertionError, match="given to a base network"):
         network(x, t, text_emb=text, text_mask=mask, low_res=x)
 
 

@@ -1,0 +1,138 @@
+"""The whole cascade: trained stages loaded from their run folders and sampled end to end.
+
+    cascade = Cascade.from_checkpoints(["runs/mnist_cpu/base", "runs/mnist_cpu/sr"])
+    out = cascade.sample(["seven", "3"], guidance=[3.0, 3.0], seed=0)
+    out.images      # (2, 1, 32, 32) in [-1, 1]: the last stage's output
+    out.stages[0]   # (2, 1, 16, 16): the base stage's output, fed to stage 1 as its low_res
+
+Each stage is rebuilt from the config.yaml saved in its checkpoint and loaded strictly;
+stages that do not chain (size or channels) are refused before anything is sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from imagen.checkpoint import CheckpointError, STATE_FILE, latest_checkpoint, load_state, load_weights_strictly
+from imagen.config import StageConfig, check_stage_order, load_stage_config
+from imagen.diffusion import GaussianDiffusion
+from imagen.errors import ImagenError
+from imagen.stage import build_diffusion, build_network, sample_stage
+from imagen.text import EncodedText, TextEmbeddingCache, resolve_device
+
+T = TypeVar("T")
+
+
+@dataclass
+class Stage:
+    """One trained stage, ready to sample."""
+
+    checkpoint: Path
+    step: int
+    config: StageConfig
+    network: nn.Module
+    diffusion: GaussianDiffusion
+
+
+def load_stage(path: str | Path, device: torch.device, weights: str = "ema") -> Stage:
+    """A stage from a run folder (its latest checkpoint) or from one ``checkpoints/step_N`` folder.
+
+    ``weights``: ``ema`` (default) or ``model`` (the raw training weights).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist (expected a run folder or checkpoints/step_N).")
+    checkpoint = path if (path / STATE_FILE).is_file() else latest_checkpoint(path)
+    if checkpoint is None:
+        raise CheckpointError(
+            f"{path} holds no complete checkpoint (expected checkpoints/step_N/ with {STATE_FILE}, written by training)."
+        )
+    config = load_stage_config(checkpoint / "config.yaml")
+    state = load_state(checkpoint)
+    network = build_network(config, state["text_dim"])
+    load_weights_strictly(network, checkpoint / f"{weights}.safetensors")
+    return Stage(checkpoint, state["step"], config, network.to(device).eval(), build_diffusion(config))
+
+
+def per_stage(value: T | Sequence[T] | None, count: int, name: str) -> list[T | None]:
+    """One setting per stage: None (each stage's default), a single value, or a list of ``count``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ImagenError(f"{name}: got {len(value)} values for a cascade of {count} stages; give one value "
+                              f"or exactly one per stage.")
+        return list(value)
+    return [value] * count
+
+
+@dataclass
+class CascadeOutput:
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1], the last stage's output
+    stages: list[torch.Tensor]  # each stage's output, base first
+
+
+class Cascade:
+    """A base stage followed by super-resolution stages, each taking the previous output."""
+
+    def __init__(self, stages: Sequence[Stage]):
+        check_stage_order([stage.config for stage in stages], [str(stage.checkpoint) for stage in stages])
+        self.stages = list(stages)
+        self._text_caches: dict[tuple, TextEmbeddingCache] = {}
+
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | Path], device: str = "auto", weights: str = "ema") -> "Cascade":
+        target = resolve_device(device)
+        return cls([load_stage(path, target, weights) for path in paths])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.stages[0].network.parameters()).device
+
+    def encode(self, stage: Stage, prompts: Sequence[str]) -> EncodedText:
+        """Text for one stage; stages sharing an encoder share its cache."""
+        encoder = stage.config.text_encoder
+        key = (encoder.name, encoder.max_length, encoder.dtype)
+        if key not in self._text_caches:
+            self._text_caches[key] = TextEmbeddingCache.from_config(encoder)
+        return self._text_caches[key].encode(prompts)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], *, guidance=None, steps=None, sampler=None, thresholding=None,
+               sample_aug_level=None, seed: int = 0, batch_size: int | None = None,
+               progress: bool = False) -> CascadeOutput:
+        """Images for ``prompts``. Every setting is one value for all stages or a list with one per
+        stage; None keeps each stage's ``sampling`` defaults. The same seed, settings and batch
+        size give identical images."""
+        count = len(self.stages)
+        guidance, steps, sampler = (per_stage(guidance, count, "guidance"), per_stage(steps, count, "steps"),
+                                    per_stage(sampler, count, "sampler"))
+        thresholding = per_stage(thresholding, count, "thresholding")
+        aug_levels = per_stage(sample_aug_level, count - 1, "sample_aug_level") if count > 1 else []
+        outputs: list[torch.Tensor] = []
+        for index, stage in enumerate(self.stages):
+            text = self.encode(stage, prompts)
+            size = batch_size or stage.config.sampling.batch_size
+            batches = range(0, len(prompts), size)
+            total = (steps[index] or stage.config.sampling.steps) * len(batches)
+            bar = tqdm(total=total, desc=f"stage {index} ({stage.config.unet.image_size}px)", disable=not progress,
+                       unit="step", dynamic_ncols=True)
+            images = []
+            for start in batches:
+                generator = torch.Generator(device=self.device).manual_seed(seed + 1_000_003 * index + start)
+                chunk = slice(start, start + size)
+                images.append(sample_stage(
+                    stage.network, stage.diffusion, stage.config, EncodedText(text.embeddings[chunk], text.mask[chunk]),
+                    guidance=guidance[index], steps=steps[index], sampler=sampler[index],
+                    thresholding=thresholding[index], generator=generator,
+                    low_res=outputs[-1][chunk] if index > 0 else None,
+                    aug_level=aug_levels[index - 1] if index > 0 else None,
+                    on_step=lambda _: bar.update(1),
+                ))
+            bar.close()
+            outputs.append(torch.cat(images))
+        return CascadeOutput(outputs[-1], outputs)
