@@ -32,7 +32,7 @@ from imagen.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from imagen.config import StageConfig, config_to_dict, config_to_yaml, stage_config_from_dict, parse_yaml
+from imagen.config import StageConfig, config_to_dict, config_to_yaml, load_stage_config
 from imagen.data import DIGIT_WORDS, MNISTTextDataset, build_dataset, digit_prompts
 from imagen.errors import ImagenError
 from imagen.guidance import draw_cond_drop
@@ -226,9 +226,9 @@ class Trainer:
 
     def _load(self, folder: Path) -> None:
         state = load_state(folder)
-        saved = stage_config_from_dict(parse_yaml((folder / CONFIG_FILE).read_text(), str(folder / CONFIG_FILE)),
-                                       str(folder / CONFIG_FILE))
-        changed = [k for k, v in _flat(config_to_dict(self.config)).items() if _flat(config_to_dict(saved)).get(k) != v]
+        saved = load_stage_config(folder / CONFIG_FILE)
+        before = _flat(config_to_dict(saved))
+        changed = [key for key, value in _flat(config_to_dict(self.config)).items() if before.get(key) != value]
         if changed:
             self.accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
         load_weights_strictly(self.accelerator.unwrap_model(self.network), folder / "model.safetensors")
@@ -238,8 +238,7 @@ class Trainer:
         rng = load_tensors(folder / "rng.safetensors")
         torch.set_rng_state(rng["torch"])
         self.data_generator.set_state(rng["data"])
-        self.noise_generator.set_state(rng["noise"].to(self.noise_generator.device)
-                                       if self.noise_generator.device.type != "cpu" else rng["noise"])
+        self.noise_generator.set_state(rng["noise"])  # generator states are CPU byte tensors, also for CUDA
         if torch.cuda.is_available() and "cuda0" in rng:
             torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
         self.step = state["step"]

@@ -56,7 +56,7 @@ def test_sample_imagen_end_to_end(trained, tmp_path):
     assert files[:4] == ["0_seven.png", "1_seven.png", "2_3.png", "3_3.png"]
     assert files[4].startswith("4_z") and "/" not in files[4] and ".." not in files[4]
     assert len(files) == 8
-    assert all(Image.open(out / "images" / name).size == (36, 36) for name in files)  # 32 px + 2 px padding
+    assert all(Image.open(out / "images" / name).size == (32, 32) for name in files)
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["prompts"] == ["seven", "3", "zéro ✓/..", long_prompt]
     assert metadata["num_per_prompt"] == 2 and metadata["seed"] == 5 and metadata["batch_size"] == 3

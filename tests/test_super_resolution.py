@@ -12,12 +12,13 @@ from PIL import Image
 from imagen.attention import AttentionBlock
 from imagen.checkpoint import latest_checkpoint
 from imagen.config import stage_config_from_dict
+from imagen.data import MNISTTextDataset
 from imagen.efficient_unet import EfficientUNet
 from imagen.nn import ResBlock
 from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.super_resolution import downsample, draw_aug_levels, noise_augment
 from imagen.text import EncodedText
-from imagen.trainer import Trainer
+from imagen.trainer import Trainer, build_optimizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEXT_DIM = 24
@@ -134,6 +135,49 @@ def test_the_base_unet_can_serve_as_a_super_resolution_network():
         assert not torch.allclose(call(network, inputs), call(network, inputs, low_res=torch.randn(2, 1, 16, 16)))
 
 
+@pytest.mark.parametrize("network_type", ["unet", "efficient_unet"])
+def test_either_network_type_overfits_a_super_resolution_task(mnist_root, network_type):
+    torch.manual_seed(0)
+    unet = {"type": network_type, "base_channels": 32, "num_head_channels": 32}
+    unet.update({"num_res_blocks": 1, "attention_resolutions": [8], "cross_attention_resolutions": [8]}
+                if network_type == "unet" else {})
+    config = sr_config(unet, training={"lr": 2e-3, "warmup_steps": 0, "lr_schedule": "constant"})
+    network, diffusion = build_network(config, TEXT_DIM), build_diffusion(config)
+    optimizer = build_optimizer(network, config)
+    images = MNISTTextDataset(mnist_root, 32).get_batch(torch.arange(8))[0].repeat(2, 1, 1, 1)
+    cond = {"text_emb": torch.randn(16, 3, TEXT_DIM), "text_mask": torch.ones(16, 3, dtype=torch.bool),
+            "low_res": downsample(images, 16), "aug_level": torch.zeros(16)}
+    generator = torch.Generator().manual_seed(0)
+    fixed_t, fixed_noise = torch.linspace(0, 999, 16).long(), torch.randn(images.shape, generator=generator)
+
+    def held_loss():
+        with torch.no_grad():
+            return diffusion.training_losses(network, images, fixed_t, fixed_noise, **cond)["mse"].mean().item()
+
+    before = held_loss()
+    for _ in range(25):
+        loss = diffusion.training_losses(network, images, generator=generator, **cond)["loss"].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert held_loss() < 0.5 * before
+
+
+def test_the_efficient_unet_can_serve_as_the_base_network():
+    config = stage_config_from_dict({"unet": {"type": "efficient_unet", "image_size": 16, "base_channels": 16,
+                                              "channel_mults": [1, 2], "num_res_blocks": [1, 2],
+                                              "num_head_channels": 16}})
+    network = randomized(build_network(config, TEXT_DIM))
+    inputs = sr_inputs()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        out = network(x, inputs["t"], text_emb=inputs["text_emb"], text_mask=inputs["text_mask"])
+        other = network(x, inputs["t"], text_emb=torch.randn(2, 5, TEXT_DIM), text_mask=inputs["text_mask"])
+    assert out.shape == x.shape and not torch.allclose(out, other, atol=1e-4)
+    with pytest.raises(AssertionError, match="given to a base network"):
+        network(x, inputs["t"], text_emb=inputs["text_emb"], text_mask=inputs["text_mask"], low_res=inputs["low_res"])
+
+
 def test_noise_augmentation_follows_the_forward_process():
     diffusion = build_diffusion(sr_config())
     low_res = torch.rand(4096, 1, 4, 4) * 2 - 1
@@ -146,6 +190,10 @@ def test_noise_augmentation_follows_the_forward_process():
     residual = augmented - alpha_bar**0.5 * low_res
     assert residual.mean().abs() < 0.01
     assert residual.var().item() == pytest.approx(1 - alpha_bar, rel=0.03)
+    # Level 1 leaves (nearly) pure noise: the input is gone.
+    drowned, _ = noise_augment(diffusion, low_res, torch.ones(4096), generator=generator)
+    correlation = torch.corrcoef(torch.stack([drowned.flatten(), low_res.flatten()]))[0, 1]
+    assert correlation.abs() < 0.02 and drowned.std().item() == pytest.approx(1.0, abs=0.02)
     # Level 0 means no augmentation at all; the same generator seed repeats the noise.
     untouched, zero = noise_augment(diffusion, low_res[:3], torch.zeros(3))
     assert torch.equal(untouched, low_res[:3]) and torch.equal(zero, torch.zeros(3))

@@ -62,6 +62,24 @@ def test_a_handful_of_real_digits_is_overfit(mnist_root):
     assert held_loss() < 0.5 * before
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam", "adafactor"])
+def test_every_optimizer_trains(name):
+    torch.manual_seed(0)
+    config = stage_config_from_dict({"training": {"optimizer": name, "lr": 1e-2, "weight_decay": 0.0}})
+    network = torch.nn.Linear(4, 1)
+    optimizer = build_optimizer(network, config)
+    inputs, targets = torch.randn(64, 4), torch.randn(64, 1)
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.mse_loss(network(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert type(optimizer).__name__.lower() == name
+
+
 def test_ema_update_math():
     network = torch.nn.Linear(3, 2)
     ema = EMA(network, decay=0.9, warmup=False)
