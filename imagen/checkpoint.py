@@ -78,6 +78,8 @@ def save_checkpoint(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], s
     from safetensors.torch import save_file
 
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.parent.glob(".step_*"):  # staging folders of a process killed mid-write
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         for name, named_tensors in tensors.items():

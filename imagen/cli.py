@@ -12,7 +12,8 @@ from imagen.errors import ImagenError
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config``, repeatable ``--set key.path=value``, ``--output-dir``, ``--resume`` and ``--debug``."""
+    """``--config``, repeatable ``--set key.path=value``, ``--output-dir``, ``--resume``, ``--overwrite``
+    and ``--debug``."""
     parser.add_argument("--config", required=True, help="stage YAML file, e.g. configs/mnist_cpu/base.yaml")
     parser.add_argument(
         "--set",
@@ -23,6 +24,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-dir", help="run folder (default: training.output_dir from the config)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run already in the run folder and start anew")
     add_debug_argument(parser)
 
 
@@ -69,5 +71,5 @@ def train_stage(argv: Sequence[str] | None, description: str, super_resolution: 
     from imagen.trainer import Trainer  # heavy imports only once the arguments are valid
 
     run_dir = Path(args.output_dir or config.training.output_dir)
-    Trainer(config, run_dir, resume=args.resume).train()
+    Trainer(config, run_dir, resume=args.resume, overwrite=args.overwrite).train()
     print(f"done: {run_dir}")

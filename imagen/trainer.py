@@ -14,6 +14,7 @@ import copy
 import io
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from imagen.checkpoint import (
+    CHECKPOINTS,
     atomic_write,
     checkpoint_folder,
     flatten_state,
@@ -130,33 +132,45 @@ def save_png(images: torch.Tensor, path: Path, columns: int) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Refuse to start a new run over an existing one; on resume, return its latest checkpoint."""
-    has_run = (run_dir / CONFIG_FILE).exists() or (run_dir / "checkpoints").exists()
+RUN_CONTENTS = (CONFIG_FILE, CHECKPOINTS, SAMPLES, METRICS_FILE)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Path | None:
+    """Refuse to start a new run over an existing one unless told to overwrite it;
+    on resume, return the run's latest complete checkpoint."""
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other; give one of them.")
+    has_run = any((run_dir / name).exists() for name in RUN_CONTENTS)
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise TrainingError(f"--resume: {run_dir} holds no complete checkpoint to resume from.")
         return checkpoint
-    if has_run:
+    if has_run and not overwrite:
         raise TrainingError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --output-dir "
-            "(a run is never overwritten)."
+            f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose "
+            "another --output-dir."
         )
+    for name in RUN_CONTENTS if overwrite else ():
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     return None
 
 
 class Trainer:
     """Trains one stage. ``train()`` runs until ``training.max_steps`` optimizer steps."""
 
-    def __init__(self, config: StageConfig, run_dir: str | Path, resume: bool = False):
+    def __init__(self, config: StageConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.config = config
         self.run_dir = Path(run_dir)
         training = config.training
-        resume_from = prepare_run_dir(self.run_dir, resume)
+        resume_from = prepare_run_dir(self.run_dir, resume, overwrite)
         self.accelerator = Accelerator(
             mixed_precision=training.mixed_precision,
             gradient_accumulation_steps=training.grad_accum_steps,
@@ -309,14 +323,17 @@ class Trainer:
         self.accelerator.backward(loss)
         return losses
 
-    def train(self) -> None:
+    def train(self, until: int | None = None) -> None:
+        """Train to ``training.max_steps`` or, if given, stop early after step ``until`` (with a
+        checkpoint there); the learning-rate schedule always follows ``max_steps``."""
         training = self.config.training
         accelerator = self.accelerator
+        stop = training.max_steps if until is None else min(until, training.max_steps)
         self.network.train()
         interval = {"loss": [], "t": [], "grad_norm": [], "images": 0, "start": time.perf_counter()}
         progress = tqdm(total=training.max_steps, initial=self.step, desc="train", unit="step",
                         disable=not accelerator.is_main_process, dynamic_ncols=True)
-        while self.step < training.max_steps:
+        while self.step < stop:
             for _ in range(training.grad_accum_steps):
                 with accelerator.accumulate(self.network):
                     losses = self._micro_step()
@@ -335,10 +352,10 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{float(interval['loss'][-1].mean()):.4f}",
                                  img_s=f"{interval['images'] / max(elapsed, 1e-9):.1f}")
-            if self.step % training.log_every == 0 or self.step == training.max_steps:
+            if self.step % training.log_every == 0 or self.step == stop:
                 self._log(interval, elapsed)
                 interval = {"loss": [], "t": [], "grad_norm": [], "images": 0, "start": time.perf_counter()}
-            if self.step % training.checkpoint_every == 0 or self.step == training.max_steps:
+            if self.step % training.checkpoint_every == 0 or self.step == stop:
                 self.save()
             if accelerator.is_main_process and (self.step % training.sample_every == 0 or self.step == training.max_steps):
                 self.write_sample_grid()

@@ -1,6 +1,8 @@
 """Shared test setup: offline Hugging Face, a private cache folder, the real MNIST folder."""
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,4 +23,23 @@ def mnist_root() -> Path:
     assert (root / "MNIST" / "raw").is_dir(), (
         f"MNIST not found under {root}; set IMAGEN_MNIST_ROOT to a folder holding MNIST/raw"
     )
+    return root
+
+
+def python(*args, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
+    """Run a Python script of the repository in a subprocess, capturing its output."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def trained(mnist_root, tmp_path_factory) -> Path:
+    """The CPU cascade's two stages, each trained for two steps through its script:
+    ``<folder>/base`` and ``<folder>/sr``."""
+    root = tmp_path_factory.mktemp("cascade")
+    quick = ["--set", f"data.root={mnist_root}", "--set", "training.batch_size=4", "--set", "training.max_steps=2",
+             "--set", "sampling.steps=2", "--set", "training.sample_guidance=[1]"]
+    for script, config, name in (("train_base_mnist.py", "configs/mnist_cpu/base.yaml", "base"),
+                                 ("train_sr_mnist.py", "configs/mnist_cpu/sr.yaml", "sr")):
+        result = python(script, "--config", config, "--output-dir", str(root / name), *quick)
+        assert result.returncode == 0, result.stderr
     return root

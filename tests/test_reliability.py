@@ -1,0 +1,255 @@
+"""Reliability: bad input, crash-safe checkpoints, exact resume, safe loading, odd prompts."""
+
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import sample_imagen
+import train_base_mnist
+import train_sr_mnist
+from imagen.cascade import Cascade, load_stage
+from imagen.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_tensors
+from imagen.cli import run_script
+from imagen.config import TextEncoderConfig, stage_config_from_dict
+from imagen.text import TextEmbeddingCache
+from imagen.trainer import Trainer
+
+from conftest import REPO_ROOT, python
+
+QUICK = ["--set", "training.batch_size=4", "--set", "sampling.steps=2", "--set", "training.sample_guidance=[1]"]
+
+
+def edited_checkpoint(source: Path, target: Path, edit) -> Path:
+    """A copy of a run whose latest checkpoint's config.yaml is changed by ``edit``."""
+    shutil.copytree(source, target)
+    path = latest_checkpoint(target) / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    edit(config)
+    path.write_text(yaml.safe_dump(config))
+    return target
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, trained, mnist_root):
+    """Files the bad-input table points at."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "syntax.yaml").write_text("training:\n  batch_size: 8\n  lr: [1e-4\n")
+    (root / "typo.yaml").write_text("unet:\n  chanel_mults: [1, 2]\n")
+    (root / "duplicate.yaml").write_text("training:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
+    (root / "empty_dir").mkdir()
+    (root / "no_mnist").mkdir()
+    (root / "prompts_latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (root / "existing_out").mkdir()
+    (root / "existing_out" / "metadata.json").write_text("{}")
+    edited_checkpoint(trained / "sr", root / "sr_low8", lambda c: c["super_resolution"].update(low_res_size=8))
+    edited_checkpoint(trained / "sr", root / "sr_wide", lambda c: c["unet"].update(base_channels=48))
+    corrupt = edited_checkpoint(trained / "base", root / "corrupt", lambda c: None)
+    (latest_checkpoint(corrupt) / "ema.safetensors").write_bytes(b"\x00garbage")
+    shutil.copytree(trained / "base", root / "base_run")  # a base run, resumed with the SR config below
+    return root
+
+
+def table(root: Path, trained: Path, mnist: Path):
+    base, sr = str(trained / "base"), str(trained / "sr")
+    cpu_base, cpu_sr = "configs/mnist_cpu/base.yaml", "configs/mnist_cpu/sr.yaml"
+    data = ["--set", f"data.root={mnist}"]
+    out = ["--output-dir", str(root / "out")]
+    train_out = ["--output-dir", str(root / "train_out")]
+    T, S, P = train_base_mnist, train_sr_mnist, sample_imagen
+    return [
+        (T, ["--config", cpu_base, "--set", "training.batchsize=3"], "did you mean 'training.batch_size'"),
+        (T, ["--config", str(root / "typo.yaml")], "unknown key 'unet.chanel_mults'"),
+        (T, ["--config", cpu_base, "--set", "training.batch_size=abc"], "expected an integer, got 'abc'"),
+        (T, ["--config", cpu_base, "--set", "unet.image_size=30"], "divisible by 4"),
+        (T, ["--config", str(root / "syntax.yaml")], "invalid YAML at line 4"),
+        (T, ["--config", str(root / "duplicate.yaml")], "duplicate key 'lr'"),
+        (T, ["--config", "configs/nope.yaml"], "configs/nope.yaml: config file not found"),
+        (T, ["--config", cpu_base, "--set", "training.batch_size=0"], "'training.batch_size': expected a positive"),
+        (T, ["--config", cpu_base, "--set", "training.max_steps=-5"], "'training.max_steps': expected a positive"),
+        (T, ["--config", cpu_base, "--set", "sampling.steps=0"], "'sampling.steps': expected a positive"),
+        (T, ["--config", cpu_base, "--set", "sampling.sampler=euler"], "'sampling.sampler': expected one of"),
+        (T, ["--config", cpu_base, "--set", "guidance.cond_drop_prob=2"], "probability in [0, 1]"),
+        (T, ["--config", cpu_base, "--set", "training.batch_size"], "expected KEY=VALUE"),
+        (T, ["--config", cpu_base, "--set", f"data.root={root / 'no_mnist'}", *QUICK, *train_out], "holds no MNIST"),
+        (T, ["--config", cpu_base, "--set", "data.dataset=caption_folder", "--set", f"data.root={root / 'nope'}",
+             *train_out], "is not a folder"),
+        (T, ["--config", cpu_sr], "train it with train_sr_mnist.py"),
+        (T, ["--config", cpu_base, *data, "--resume", "--output-dir", str(root / "empty_dir")], "no complete checkpoint"),
+        (T, ["--config", cpu_base, *data, "--output-dir", base], "already holds a run"),
+        (T, ["--config", cpu_base, *data, "--output-dir", base, "--resume", "--overwrite"], "contradict"),
+        (S, ["--config", cpu_base], "train it with train_base_mnist.py"),
+        (S, ["--config", cpu_sr, "--set", "super_resolution.low_res_size=32"], "below unet.image_size (32)"),
+        (S, ["--config", cpu_sr, "--set", "super_resolution.train_aug_range=[0.8, 0.2]"], "train_aug_range"),
+        (S, ["--config", cpu_sr, *data, *QUICK, "--resume", "--output-dir", str(root / "base_run")], "do not fit"),
+        (P, ["--checkpoint", str(root / "missing"), "--prompts", "1", *out], "does not exist"),
+        (P, ["--checkpoint", str(root / "empty_dir"), "--prompts", "1", *out], "holds no complete checkpoint"),
+        (P, ["--checkpoint", sr, "--prompts", "1", *out], "must be a base stage"),
+        (P, ["--checkpoint", base, "--checkpoint", str(root / "sr_low8"), "--prompts", "1", *out], "low_res_size is 8"),
+        (P, ["--checkpoint", base, "--checkpoint", str(root / "sr_wide"), "--prompts", "1", *out], "do not fit"),
+        (P, ["--checkpoint", str(root / "corrupt"), "--prompts", "1", *out], "not a readable safetensors file"),
+        (P, ["--checkpoint", base, "--checkpoint", sr, "--prompts", "1", "--guidance", "1,2,3", *out],
+         "got 3 values for a cascade of 2 stages"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--sampler", "euler", *out], "unknown 'euler'"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--thresholding", "soft", *out], "unknown 'soft'"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--steps", "0", *out], "positive integers"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--steps", "-3", *out], "positive integers"),
+        (P, ["--checkpoint", base, "--prompts-file", str(root / "prompts_latin1.txt"), *out], "cannot read it"),
+        (P, ["--checkpoint", base, "--prompts-file", str(root / "absent.txt"), *out], "cannot read it"),
+        (P, ["--checkpoint", base, *out], "no prompts"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--num-per-prompt", "0", *out], "--num-per-prompt 0"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--batch-size", "0", *out], "--batch-size 0"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--sample-aug-level", "2", *out], "in [0, 1]"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--output-dir", str(root / "existing_out")], "--overwrite"),
+    ]
+
+
+def test_every_bad_input_exits_2_with_one_clear_message(bad_inputs, trained, mnist_root, capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    cases = table(bad_inputs, trained, mnist_root)
+    assert len(cases) >= 30
+    for script, argv, fragment in cases:
+        code = run_script(script.main, argv)
+        err = capsys.readouterr().err
+        message = err.strip().splitlines()[-1] if err.strip() else ""
+        assert code == 2, (script.__name__, argv, err)
+        assert message.startswith("error: ") and fragment in message, (script.__name__, argv, fragment, err)
+        assert "Traceback" not in err
+
+
+def test_a_real_process_exits_2_without_traceback_and_shows_it_with_debug(tmp_path):
+    result = python("train_sr_mnist.py", "--config", "configs/mnist_cpu/sr.yaml", "--set", "unet.dropout=3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "'unet.dropout'" in result.stderr
+    debug = python("train_sr_mnist.py", "--config", "configs/mnist_cpu/sr.yaml", "--set", "unet.dropout=3", "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def small_config(mnist_root, **training):
+    settings = {"batch_size": 4, "max_steps": 6, "warmup_steps": 2, "checkpoint_every": 3, "sample_every": 1000,
+                "log_every": 1}
+    settings.update(training)
+    return stage_config_from_dict({
+        "text_encoder": {"name": "tiny", "max_length": 8, "device": "cpu"},
+        "unet": {"image_size": 16, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
+                 "attention_resolutions": [8], "cross_attention_resolutions": [8], "num_head_channels": 16},
+        "sampling": {"steps": 2},
+        "data": {"root": str(mnist_root)},
+        "training": settings,
+    })
+
+
+def test_resuming_halfway_gives_bit_identical_weights(mnist_root, tmp_path):
+    straight = Trainer(small_config(mnist_root), tmp_path / "straight")
+    straight.train()
+    halves = Trainer(small_config(mnist_root), tmp_path / "halves")
+    halves.train(until=3)
+    assert halves.step == 3 and latest_checkpoint(tmp_path / "halves").name == "step_00000003"
+    resumed = Trainer(small_config(mnist_root), tmp_path / "halves", resume=True)
+    assert resumed.step == 3
+    resumed.train()
+    for a, b in ((straight.network, resumed.network), (straight.ema.network, resumed.ema.network)):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
+    state_a, state_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(state_a[k]["exp_avg_sq"], state_b[k]["exp_avg_sq"]) for k in state_a)
+    assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+    assert torch.equal(straight.data_generator.get_state(), resumed.data_generator.get_state())
+
+
+def test_killed_runs_always_leave_a_loadable_checkpoint_and_resume(mnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+
+    def command(max_steps: int) -> list[str]:
+        # A checkpoint every step, so that many kills land in the middle of a checkpoint write.
+        return [sys.executable, "train_base_mnist.py", "--config", "configs/mnist_cpu/base.yaml",
+                "--output-dir", str(run_dir), "--set", f"data.root={mnist_root}", "--set", "training.batch_size=2",
+                "--set", f"training.max_steps={max_steps}", "--set", "training.checkpoint_every=1",
+                "--set", "training.sample_every=100000", "--set", "training.keep_checkpoints=2",
+                "--set", "unet.base_channels=16", "--set", "unet.num_head_channels=16"]
+
+    chooser = random.Random(0)
+    steps_seen = []
+    for _ in range(10):
+        before = latest_checkpoint(run_dir)
+        resume = ["--resume"] if before is not None else []
+        process = subprocess.Popen(command(100000) + resume, cwd=REPO_ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        # Wait until this process has written a checkpoint of its own, then kill it at a random moment.
+        while latest_checkpoint(run_dir) == before and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        time.sleep(chooser.uniform(0.0, 0.6))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        checkpoint = latest_checkpoint(run_dir)
+        assert checkpoint is not None
+        stage = load_stage(run_dir, torch.device("cpu"))  # config, state and weights all load
+        for name in ("model", "optimizer", "rng"):
+            load_tensors(checkpoint / f"{name}.safetensors")
+        steps_seen.append(stage.step)
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0]
+    finish = subprocess.run(command(steps_seen[-1] + 2) + ["--resume"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    assert latest_checkpoint(run_dir).name == f"step_{steps_seen[-1] + 2:08d}"
+    assert len(list_checkpoints(run_dir)) <= 2
+
+
+class Planted:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_is_refused_and_never_runs(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "base", run)
+    marker = tmp_path / "code_ran"
+    for name in ("ema.safetensors", "model.safetensors"):
+        (latest_checkpoint(run) / name).write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        Cascade.from_checkpoints([run], device="cpu")
+    with pytest.raises(CheckpointError):
+        load_stage(run, torch.device("cpu"), weights="model")
+    assert not marker.exists()
+    # The checkpoint format itself holds no pickle: safetensors, JSON and YAML only.
+    assert {p.suffix for p in latest_checkpoint(trained / "base").iterdir()} == {".safetensors", ".json", ".yaml"}
+
+
+def test_overwrite_replaces_a_run_only_when_asked(mnist_root, tmp_path):
+    args = ["--config", "configs/mnist_cpu/base.yaml", "--output-dir", str(tmp_path / "run"),
+            "--set", f"data.root={mnist_root}", "--set", "training.max_steps=1", *QUICK]
+    assert python("train_base_mnist.py", *args).returncode == 0
+    refused = python("train_base_mnist.py", *args)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    replaced = python("train_base_mnist.py", *args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # the old run is gone
+
+
+def test_odd_prompts_never_crash_and_make_safe_file_names(trained, tmp_path):
+    prompts = ["", "   ", "seven " * 40, "zéro ünïcode ✓ 七", "bell\x07 nul\x00 tab\t newline\n end", "../../etc/passwd",
+               "a" * 300]
+    result = python("sample_imagen.py", "--checkpoint", str(trained / "base"), "--checkpoint", str(trained / "sr"),
+                    "--prompts", *[p.replace("\x00", "") for p in prompts], "--steps", "2",
+                    "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    names = [p.name for p in (tmp_path / "out" / "images").iterdir()]
+    assert len(names) == len(prompts)
+    for name in names:
+        assert all(c.isalnum() or c in "_-." for c in name) and len(name) < 60, name
+    # Training-side: the embedding cache takes the same prompts (NUL included).
+    encoded = TextEmbeddingCache.from_config(TextEncoderConfig(name="tiny", max_length=16, device="cpu")).encode(prompts)
+    assert encoded.mask.sum(1).min() >= 1 and torch.isfinite(encoded.embeddings).all()
