@@ -198,14 +198,15 @@ class GaussianDiffusion:
         """Min-SNR-gamma loss weight at step indices t (B,): float64 (B,), on the CPU."""
         if gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
-        snr = self.snr[t.cpu()]
+        snr = self.snr.to(t.device)[t]
         clipped = snr.clamp(max=gamma)
         return clipped / snr if self.objective == "eps" else clipped / (snr + 1)
 
 
 def _gather(coefficients: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """coefficients[t] as (B, 1, ..., 1) in like's dtype and device, to broadcast over like."""
-    values = coefficients[t.cpu()].to(device=like.device, dtype=like.dtype)
+    # Index on t's device: moving t to the CPU instead would synchronise with the GPU every step.
+    values = coefficients.to(device=t.device, dtype=like.dtype)[t].to(like.device)
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
