@@ -202,6 +202,7 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(training.seed * 7919 + rank)
         self.noise_generator = torch.Generator(device=device).manual_seed(training.seed * 104729 + rank)
         self.step = 0
+        self.epoch = 0  # the dataset starts at epoch 0; MNIST redraws word/numeral prompts per epoch
         self.text_dim = text_dim
         if resume_from is not None:
             self._load(resume_from)
@@ -286,9 +287,9 @@ class Trainer:
     def _batch(self) -> tuple[torch.Tensor, EncodedText]:
         training = self.config.training
         epoch = self.step * training.batch_size * training.grad_accum_steps // len(self.dataset)
-        if isinstance(self.dataset, MNISTTextDataset) and epoch != getattr(self, "_epoch", None):
+        if epoch != self.epoch and isinstance(self.dataset, MNISTTextDataset):
             self.dataset.set_epoch(epoch)
-            self._epoch = epoch
+            self.epoch = epoch
         indices = torch.randint(len(self.dataset), (training.batch_size,), generator=self.data_generator)
         images, prompt_indices = self.dataset.get_batch(indices)
         prompt_indices = prompt_indices.to(self.accelerator.device)
