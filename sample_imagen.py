@@ -19,31 +19,10 @@ import re
 import sys
 from pathlib import Path
 
-from imagen.cli import add_debug_argument, run_script
+from imagen.cli import add_debug_argument, per_stage_values, run_script
 from imagen.errors import ImagenError
 from imagen.diffusion import THRESHOLD_MODES
 from imagen.samplers import SAMPLERS
-
-
-def per_stage_values(text: str | None, name: str, kind: type, choices=None) -> list | None:
-    """'5' -> [5]; '5,3' -> [5, 3]; validated."""
-    if text is None:
-        return None
-    values = []
-    for item in text.split(","):
-        try:
-            value = kind(item.strip())
-        except ValueError:
-            raise ImagenError(f"{name} {text}: {item.strip()!r} is not a valid {kind.__name__}; give one value or "
-                              "a comma-separated value per stage.") from None
-        if choices is not None and value not in choices:
-            raise ImagenError(f"{name} {text}: unknown {value!r}; expected one of {', '.join(choices)}.")
-        if kind is int and value < 1:
-            raise ImagenError(f"{name} {text}: step counts must be positive integers.")
-        if kind is float and value < 0:
-            raise ImagenError(f"{name} {text}: guidance weights must be >= 0.")
-        values.append(value)
-    return values
 
 
 def safe_name(prompt: str, limit: int = 40) -> str:
@@ -112,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     cascade = Cascade.from_checkpoints(args.checkpoint, device=args.device, weights=args.weights)
     count = len(cascade.stages)
     # One value for all stages, or exactly one per stage (None: the stage's config decides).
-    resolved = {name: per_stage(values[0] if values and len(values) == 1 else values, count, f"--{name}")
-                for name, values in settings.items()}
+    resolved = {name: per_stage(values, count, f"--{name}") for name, values in settings.items()}
     for index, stage in enumerate(cascade.stages):
         steps = resolved["steps"][index]
         if steps is not None and steps > stage.config.diffusion.timesteps:

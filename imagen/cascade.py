@@ -61,7 +61,10 @@ def load_stage(path: str | Path, device: torch.device, weights: str = "ema") -> 
 
 
 def per_stage(value: T | Sequence[T] | None, count: int, name: str) -> list[T | None]:
-    """One setting per stage: None (each stage's default), a single value, or a list of ``count``."""
+    """One setting per stage: None (each stage's default), a single value (or a list of one), or a
+    list of ``count``."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
     if isinstance(value, (list, tuple)):
         if len(value) != count:
             raise ImagenError(f"{name}: got {len(value)} values for a cascade of {count} stages; give one value "
@@ -79,8 +82,11 @@ class CascadeOutput:
 class Cascade:
     """A base stage followed by super-resolution stages, each taking the previous output."""
 
-    def __init__(self, stages: Sequence[Stage]):
-        check_stage_order([stage.config for stage in stages], [str(stage.checkpoint) for stage in stages])
+    def __init__(self, stages: Sequence[Stage], super_resolution_first: bool = False):
+        """``super_resolution_first``: the chain starts at a super-resolution stage and
+        :meth:`sample` takes its ``low_res`` images (to evaluate SR stages on real inputs)."""
+        check_stage_order([stage.config for stage in stages], [str(stage.checkpoint) for stage in stages],
+                          super_resolution_first)
         self.stages = list(stages)
         self._text_caches: dict[tuple, TextEmbeddingCache] = {}
 
@@ -104,16 +110,20 @@ class Cascade:
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], *, guidance=None, steps=None, sampler=None, thresholding=None,
                sample_aug_level=None, seed: int = 0, batch_size: int | None = None,
-               progress: bool = False) -> CascadeOutput:
+               low_res: torch.Tensor | None = None, progress: bool = False) -> CascadeOutput:
         """Images for ``prompts``. Every setting is one value for all stages or a list with one per
         stage; None keeps each stage's ``sampling`` defaults. The same seed, settings and batch
-        size give identical images."""
+        size give identical images. ``low_res`` (N, C, h, w) feeds a chain that starts at a
+        super-resolution stage."""
         count = len(self.stages)
+        if (low_res is not None) != (self.stages[0].config.super_resolution is not None):
+            raise ImagenError("low_res images are given exactly when the first stage is a super-resolution stage.")
         guidance, steps, sampler = (per_stage(guidance, count, "guidance"), per_stage(steps, count, "steps"),
                                     per_stage(sampler, count, "sampler"))
         thresholding = per_stage(thresholding, count, "thresholding")
-        aug_levels = per_stage(sample_aug_level, count - 1, "sample_aug_level") if count > 1 else []
-        outputs: list[torch.Tensor] = []
+        first = 0 if low_res is not None else 1  # the first stage that takes low_res
+        aug_levels = [None] * first + per_stage(sample_aug_level, count - first, "sample_aug_level")
+        outputs: list[torch.Tensor] = [] if low_res is None else [low_res]
         for index, stage in enumerate(self.stages):
             text = self.encode(stage, prompts)
             size = batch_size or stage.config.sampling.batch_size
@@ -129,10 +139,12 @@ class Cascade:
                     stage.network, stage.diffusion, stage.config, EncodedText(text.embeddings[chunk], text.mask[chunk]),
                     guidance=guidance[index], steps=steps[index], sampler=sampler[index],
                     thresholding=thresholding[index], generator=generator,
-                    low_res=outputs[-1][chunk] if index > 0 else None,
-                    aug_level=aug_levels[index - 1] if index > 0 else None,
+                    low_res=outputs[-1][chunk] if outputs else None,
+                    aug_level=aug_levels[index],
                     on_step=lambda _: bar.update(1),
                 ))
             bar.close()
             outputs.append(torch.cat(images))
+        if low_res is not None:
+            outputs = outputs[1:]
         return CascadeOutput(outputs[-1], outputs)

@@ -37,6 +37,27 @@ def load_config_from_args(args: argparse.Namespace) -> StageConfig:
     return load_stage_config(args.config, args.set)
 
 
+def per_stage_values(text: str | None, name: str, kind: type, choices=None) -> list | None:
+    """'5' -> [5]; '5,3' -> [5, 3]; validated."""
+    if text is None:
+        return None
+    values = []
+    for item in text.split(","):
+        try:
+            value = kind(item.strip())
+        except ValueError:
+            raise ImagenError(f"{name} {text}: {item.strip()!r} is not a valid {kind.__name__}; give one value or "
+                              "a comma-separated value per stage.") from None
+        if choices is not None and value not in choices:
+            raise ImagenError(f"{name} {text}: unknown {value!r}; expected one of {', '.join(choices)}.")
+        if kind is int and value < 1:
+            raise ImagenError(f"{name} {text}: step counts must be positive integers.")
+        if kind is float and value < 0:
+            raise ImagenError(f"{name} {text}: guidance weights must be >= 0.")
+        values.append(value)
+    return values
+
+
 def run_script(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main``; a user error prints ``error: <message>`` and returns exit code 2.
 

@@ -637,9 +637,13 @@ class LoadedCascade:
     stages: list[StageConfig]
 
 
-def check_stage_order(stages: Sequence[StageConfig], names: Sequence[str]) -> None:
-    """Each stage must take exactly what the previous one produces."""
-    if stages[0].is_super_resolution:
+def check_stage_order(stages: Sequence[StageConfig], names: Sequence[str],
+                      super_resolution_first: bool = False) -> None:
+    """Each stage must take exactly what the previous one produces; the first is a base stage
+    unless ``super_resolution_first``."""
+    if super_resolution_first and not stages[0].is_super_resolution:
+        raise ConfigError(f"{names[0]}: expected a super-resolution stage (with a super_resolution section) first.")
+    if stages[0].is_super_resolution and not super_resolution_first:
         raise ConfigError(f"{names[0]}: the first cascade stage must be a base stage (no super_resolution section).")
     for index in range(1, len(stages)):
         previous, stage = stages[index - 1], stages[index]

@@ -41,7 +41,8 @@ class ClassifierFreeGuidance:
     -> (B, C, H, W). The conditional and unconditional passes share one
     batched forward of size 2B: every tensor argument is duplicated along the
     batch dimension (None and non-tensor values pass through) and drop_text is
-    False for the first half and True for the second.
+    False for the first half and True for the second. Weights 1 and 0 need only
+    one half and run a single pass of size B.
     """
 
     def __init__(self, model: Callable[..., torch.Tensor], weight: float) -> None:
@@ -52,10 +53,10 @@ class ClassifierFreeGuidance:
         if "drop_text" in cond:
             raise TypeError("ClassifierFreeGuidance sets drop_text itself; do not pass it")
         batch = x.shape[0]
-        if self.weight == 1:
-            # Pure conditional prediction: the unconditional half would be multiplied by 0.
-            keep = torch.zeros(batch, dtype=torch.bool, device=x.device)
-            return self.model(x, t, drop_text=keep, **cond)
+        if self.weight in (0, 1):
+            # Only one half counts: w=1 is purely conditional, w=0 purely unconditional.
+            drop = torch.full((batch,), self.weight == 0, dtype=torch.bool, device=x.device)
+            return self.model(x, t, drop_text=drop, **cond)
 
         def doubled(value: Any) -> Any:
             return torch.cat([value, value]) if isinstance(value, torch.Tensor) else value

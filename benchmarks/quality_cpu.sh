@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The CPU quality benchmark (issue 7): train the configs/mnist_cpu cascade from scratch, one stage
+# after the other (each sized for about 20 minutes on a 2-core CPU), then evaluate the whole
+# cascade with a guidance sweep.
+#
+#   bash benchmarks/quality_cpu.sh [OUTPUT_DIR] [MNIST_ROOT]
+#
+# OUTPUT_DIR (default runs/quality_cpu) receives base/, sr/, timings.txt and evaluation/
+# (report.json, sweep.csv, sweep.png). Running it again resumes whatever is unfinished; a stage
+# already at its last step is not retrained.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-runs/quality_cpu}"
+DATA="${2:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+SWEEP="${SWEEP:-0,1,2,3,5,7}"
+NUM_IMAGES="${NUM_IMAGES:-1000}"
+mkdir -p "$OUT"
+
+train() {  # train <script> <config> <run folder>
+  local resume=()
+  if [ -d "$3/checkpoints" ]; then resume=(--resume); fi
+  local start=$SECONDS
+  python "$1" --config "$2" --set "data.root=$DATA" --output-dir "$3" "${resume[@]}"
+  echo "$(basename "$3"): $((SECONDS - start)) s ${resume[*]}" | tee -a "$OUT/timings.txt"
+}
+
+train train_base_mnist.py configs/mnist_cpu/base.yaml "$OUT/base"
+train train_sr_mnist.py configs/mnist_cpu/sr.yaml "$OUT/sr"
+
+start=$SECONDS
+python evaluate_imagen.py --mode cascade --checkpoints "$OUT/base" "$OUT/sr" --data-root "$DATA" \
+  --num-images "$NUM_IMAGES" --guidance-sweep "$SWEEP" --output-dir "$OUT/evaluation"
+echo "evaluation: $((SECONDS - start)) s" | tee -a "$OUT/timings.txt"
