@@ -297,7 +297,12 @@ class TrainingConfig:
     # Ramp the EMA decay up as min(ema_decay, (1 + step) / (10 + step)) so early averages
     # are not dominated by the random initialisation.
     ema_warmup: bool = True
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 autocast on a GPU that supports it, full precision otherwise.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # TensorFloat-32 matmuls and convolutions on NVIDIA GPUs (no effect on CPU).
+    allow_tf32: bool = True
+    # Keep activations and weights in channels-last memory order (NHWC).
+    channels_last: bool = False
     checkpoint_every: int = 1000
     sample_every: int = 1000
     log_every: int = 50
@@ -308,6 +313,7 @@ class TrainingConfig:
     tensorboard: bool = False
     seed: int = 0
     output_dir: str = "runs/stage"
+    # torch.compile the network's training forward (the first steps are slow while it compiles).
     compile: bool = False
 
     def validate(self) -> None:

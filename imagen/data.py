@@ -56,8 +56,10 @@ def to_model_images(images: torch.Tensor, size: int, channels: int) -> torch.Ten
 class MNISTTextDataset(Dataset):
     """MNIST digits, each paired with its digit as a word or a numeral.
 
-    The raw 28x28 digits stay in memory as uint8 and are resized per batch, so any stage
-    resolution costs the same memory. With ``prompt_style='both'`` each digit's prompt
+    The whole split is resized once to the stage's resolution and kept as one uint8 tensor
+    (``images``, grey, as a PNG would hold it; 3-channel stages repeat it per batch), so a
+    batch is one indexing operation: no per-batch resizing and no loader workers. :meth:`to` moves it, e.g. onto
+    the GPU that trains on it. With ``prompt_style='both'`` each digit's prompt
     style is drawn per epoch (:meth:`set_epoch`) from a generator seeded by ``seed``, so
     runs are reproducible yet every digit is seen with both styles.
     """
@@ -90,25 +92,38 @@ class MNISTTextDataset(Dataset):
         self.seed = seed
         self.raw_images = mnist.data.unsqueeze(1)  # (N, 1, 28, 28) uint8
         self.labels = mnist.targets.long()
+        self.images = torch.cat([
+            ((to_model_images(chunk, image_size, 1) + 1) * 127.5).round().to(torch.uint8)
+            for chunk in self.raw_images.split(4096)
+        ])
+        self.device = torch.device("cpu")
         self.set_epoch(0)
+
+    def to(self, device: torch.device | str) -> "MNISTTextDataset":
+        """Keep the preprocessed images and prompt indices on ``device``."""
+        self.device = torch.device(device)
+        self.images = self.images.to(self.device)
+        self.prompt_indices = self.prompt_indices.to(self.device)
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the word/numeral choice of every digit for this epoch."""
         if self.prompt_style == "both":
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             as_numeral = torch.rand(len(self.labels), generator=generator) < 0.5
-            self.prompt_indices = self.labels + 10 * as_numeral.long()
+            prompt_indices = self.labels + 10 * as_numeral.long()
         else:
-            self.prompt_indices = self.labels.clone()
+            prompt_indices = self.labels.clone()
+        self.prompt_indices = prompt_indices.to(self.device)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def get_batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) in [-1, 1] and prompt indices (B,) for ``indices``."""
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        images = to_model_images(self.raw_images[indices], self.image_size, self.channels)
-        return images, self.prompt_indices[indices]
+        indices = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        images = self.images[indices].float() / 127.5 - 1.0
+        return images.expand(-1, self.channels, -1, -1), self.prompt_indices[indices]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         images, prompt_indices = self.get_batch([index])

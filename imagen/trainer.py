@@ -75,7 +75,15 @@ class EMA:
             averaged.copy_(current)
 
 
-def build_optimizer(network: nn.Module, config: StageConfig) -> torch.optim.Optimizer:
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto`` -> bf16 on a CUDA GPU that supports it, else no."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def build_optimizer(network: nn.Module, config: StageConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer; ``fused`` selects the single-kernel CUDA Adam/AdamW."""
     training = config.training
     if training.optimizer == "adafactor":
         from transformers.optimization import Adafactor
@@ -85,7 +93,7 @@ def build_optimizer(network: nn.Module, config: StageConfig) -> torch.optim.Opti
                          relative_step=False, scale_parameter=False, warmup_init=False)
     optimizer = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
     return optimizer(network.parameters(), lr=training.lr, betas=tuple(training.adam_betas),
-                     weight_decay=training.weight_decay)
+                     weight_decay=training.weight_decay, **({"fused": True} if fused else {}))
 
 
 def lr_factor(step: int, config: StageConfig) -> float:
@@ -172,15 +180,21 @@ class Trainer:
         training = config.training
         resume_from = prepare_run_dir(self.run_dir, resume, overwrite)
         self.accelerator = Accelerator(
-            mixed_precision=training.mixed_precision,
+            mixed_precision=resolve_mixed_precision(training.mixed_precision),
             gradient_accumulation_steps=training.grad_accum_steps,
             log_with="tensorboard" if training.tensorboard else None,
             project_dir=str(self.run_dir),
         )
         set_seed(training.seed)
         device = self.accelerator.device
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = training.allow_tf32
+            torch.backends.cudnn.allow_tf32 = training.allow_tf32
+        self.memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
 
         self.dataset = build_dataset(config.data, config.unet.image_size, config.unet.channels)
+        if isinstance(self.dataset, MNISTTextDataset):
+            self.dataset.to(device)
         cache = TextEmbeddingCache.from_config(config.text_encoder)
         self.grid_prompts, self.grid_images = grid_examples(self.dataset, config.is_super_resolution)
         cache.precompute(self.dataset.prompts + self.grid_prompts)
@@ -190,11 +204,13 @@ class Trainer:
         self.text_table = EncodedText(table.embeddings.to(device), table.mask.to(device))
         text_dim = table.embeddings.shape[-1]
 
-        network = build_network(config, text_dim)
+        network = build_network(config, text_dim).to(memory_format=self.memory_format)
         self.ema = EMA(network, training.ema_decay, training.ema_warmup)
-        optimizer = build_optimizer(network, config)
+        optimizer = build_optimizer(network, config, fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
         self.network, self.optimizer = self.accelerator.prepare(network, optimizer)
+        # The compiled forward shares the network's parameters; saving and EMA use the plain module.
+        self.forward = torch.compile(self.network) if training.compile else self.network
         self.ema.network.to(device)
         self.diffusion = build_diffusion(config)
         rank = self.accelerator.process_index
@@ -202,6 +218,8 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(training.seed * 7919 + rank)
         self.noise_generator = torch.Generator(device=device).manual_seed(training.seed * 104729 + rank)
         self.step = 0
+        self.first_bad_loss = torch.zeros(2, device=device)  # (step, loss) of the first non-finite loss
+        self.interval = self._new_interval()
         self.epoch = 0  # the dataset starts at epoch 0; MNIST redraws word/numeral prompts per epoch
         self.text_dim = text_dim
         if resume_from is not None:
@@ -294,7 +312,7 @@ class Trainer:
         images, prompt_indices = self.dataset.get_batch(indices)
         prompt_indices = prompt_indices.to(self.accelerator.device)
         text = EncodedText(self.text_table.embeddings[prompt_indices], self.text_table.mask[prompt_indices])
-        return images.to(self.accelerator.device), text
+        return images.to(self.accelerator.device).contiguous(memory_format=self.memory_format), text
 
     def _micro_step(self) -> dict[str, torch.Tensor]:
         images, text = self._batch()
@@ -312,17 +330,52 @@ class Trainer:
             )
         with self.accelerator.autocast():
             losses = self.diffusion.training_losses(
-                self.network, images, generator=self.noise_generator,
+                self.forward, images, generator=self.noise_generator,
                 min_snr_gamma=self.config.diffusion.min_snr_gamma, **cond,
             )
         loss = losses["loss"].float().mean()
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss.item()} at step {self.step + 1}; training stopped without writing a "
-                "checkpoint (the last good one is kept). Try a lower training.lr or mixed_precision: no."
-            )
+        # Remember the first non-finite loss on the device; check_finite() reads it only when a
+        # log line or checkpoint is due, so steps never wait for the accelerator.
+        first = self.first_bad_loss[0] == 0
+        bad = first & ~torch.isfinite(loss)
+        self.first_bad_loss = torch.where(bad, torch.stack([torch.tensor(self.step + 1.0, device=loss.device),
+                                                            loss.detach()]), self.first_bad_loss)
         self.accelerator.backward(loss)
         return losses
+
+    def check_finite(self) -> None:
+        """Stop, before anything is written, if a loss since the start was NaN or infinite."""
+        step, value = self.first_bad_loss.tolist()
+        if step:
+            raise TrainingError(
+                f"the loss became {value} at step {int(step)}; training stopped without writing a checkpoint "
+                "(the last good one is kept). Try a lower training.lr or mixed_precision: no."
+            )
+
+    @staticmethod
+    def _new_interval() -> dict:
+        """What the next log line averages; losses stay tensors on the device until then."""
+        return {"loss": [], "t": [], "grad_norm": [], "images": 0, "start": time.perf_counter()}
+
+    def train_step(self) -> None:
+        """One optimizer step over ``grad_accum_steps`` micro-batches, then the EMA update."""
+        training = self.config.training
+        accelerator = self.accelerator
+        interval = self.interval
+        for _ in range(training.grad_accum_steps):
+            with accelerator.accumulate(self.network):
+                losses = self._micro_step()
+                if accelerator.sync_gradients:  # the last micro-batch of this optimizer step
+                    clip = training.grad_clip if training.grad_clip is not None else float("inf")
+                    interval["grad_norm"].append(accelerator.clip_grad_norm_(self.network.parameters(), clip))
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            interval["loss"].append(losses["mse"].detach().float())
+            interval["t"].append(losses["t"])
+            interval["images"] += losses["t"].numel() * accelerator.num_processes
+        self.step += 1
+        self.ema.update(accelerator.unwrap_model(self.network), self.step)
 
     def train(self, until: int | None = None) -> None:
         """Train to ``training.max_steps`` or, if given, stop early after step ``until`` (with a
@@ -331,47 +384,35 @@ class Trainer:
         accelerator = self.accelerator
         stop = training.max_steps if until is None else min(until, training.max_steps)
         self.network.train()
-        interval = {"loss": [], "t": [], "grad_norm": [], "images": 0, "start": time.perf_counter()}
+        self.interval = self._new_interval()
         progress = tqdm(total=training.max_steps, initial=self.step, desc="train", unit="step",
                         disable=not accelerator.is_main_process, dynamic_ncols=True)
         while self.step < stop:
-            for _ in range(training.grad_accum_steps):
-                with accelerator.accumulate(self.network):
-                    losses = self._micro_step()
-                    if accelerator.sync_gradients:  # the last micro-batch of this optimizer step
-                        clip = training.grad_clip if training.grad_clip is not None else float("inf")
-                        interval["grad_norm"].append(float(accelerator.clip_grad_norm_(self.network.parameters(), clip)))
-                        self.optimizer.step()
-                        self.scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                interval["loss"].append(losses["mse"].detach().float().cpu())
-                interval["t"].append(losses["t"].cpu())
-                interval["images"] += losses["t"].numel() * accelerator.num_processes
-            self.step += 1
-            self.ema.update(accelerator.unwrap_model(self.network), self.step)
-            elapsed = time.perf_counter() - interval["start"]
+            self.train_step()
             progress.update(1)
-            progress.set_postfix(loss=f"{float(interval['loss'][-1].mean()):.4f}",
-                                 img_s=f"{interval['images'] / max(elapsed, 1e-9):.1f}")
             if self.step % training.log_every == 0 or self.step == stop:
-                self._log(interval, elapsed)
-                interval = {"loss": [], "t": [], "grad_norm": [], "images": 0, "start": time.perf_counter()}
+                self.check_finite()
+                record = self._log(self.interval, time.perf_counter() - self.interval["start"])
+                progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                self.interval = self._new_interval()
             if self.step % training.checkpoint_every == 0 or self.step == stop:
+                self.check_finite()
                 self.save()
             if accelerator.is_main_process and (self.step % training.sample_every == 0 or self.step == training.max_steps):
                 self.write_sample_grid()
         progress.close()
         accelerator.end_training()
 
-    def _log(self, interval: dict, elapsed: float) -> None:
-        losses, timesteps = torch.cat(interval["loss"]), torch.cat(interval["t"])
+    def _log(self, interval: dict, elapsed: float) -> dict:
+        losses, timesteps = torch.cat(interval["loss"]).cpu(), torch.cat(interval["t"]).cpu()
         quartile = timesteps * 4 // self.diffusion.num_timesteps
         record = {
             "step": self.step,
             "loss": float(losses.mean()),
             **{f"loss_q{q}": float(losses[quartile == q].mean()) for q in range(4) if (quartile == q).any()},
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": sum(interval["grad_norm"]) / max(1, len(interval["grad_norm"])),
+            "grad_norm": (float(torch.stack([torch.as_tensor(g).float().cpu() for g in interval["grad_norm"]]).mean())
+                          if interval["grad_norm"] else 0.0),
             "img_per_s": interval["images"] / max(elapsed, 1e-9),
         }
         if self.accelerator.is_main_process:
@@ -379,6 +420,7 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
         if self.config.training.tensorboard:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        return record
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
