@@ -14,6 +14,7 @@ import copy
 import io
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -180,6 +181,9 @@ class Trainer:
         training = config.training
         resume_from = prepare_run_dir(self.run_dir, resume, overwrite)
         self.accelerator = Accelerator(
+            # Several processes without GPUs (accelerate launch on CPU machines) form a gloo group
+            # only when accelerate is told to use the CPU.
+            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
             mixed_precision=resolve_mixed_precision(training.mixed_precision),
             gradient_accumulation_steps=training.grad_accum_steps,
             log_with="tensorboard" if training.tensorboard else None,

@@ -1,6 +1,7 @@
 """The trainer: learning, EMA, learning-rate schedule, checkpoints, resume, the base script."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from imagen.checkpoint import latest_checkpoint, list_checkpoints
 from imagen.config import load_stage_config, stage_config_from_dict
@@ -177,3 +179,26 @@ def test_train_base_script_end_to_end(mnist_root, tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
     assert latest_checkpoint(run_dir).name == "step_00000005"
+
+
+def test_two_processes_on_cpu_train_in_lockstep(mnist_root, tmp_path):
+    """accelerate launch with two processes on a machine without GPUs (accelerate runs them on the
+    CPU with gloo): each draws its own batches, gradients are averaged, and both end with
+    identical weights that differ from the initial ones."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+         "tests/distributed_worker.py", "configs/mnist_cpu/base.yaml", str(tmp_path / "run"), str(mnist_root),
+         str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in (0, 1)]
+    assert int(ranks[0]["world"]) == 2
+    assert not torch.equal(ranks[0]["first_batch"], ranks[1]["first_batch"])  # different data per process
+    weights = [name for name in ranks[0] if name.startswith(("model.", "ema."))]
+    assert weights and all(torch.equal(ranks[0][name], ranks[1][name]) for name in weights)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000003"]
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000003" / "model.safetensors"))
+    assert all(torch.equal(saved[name], ranks[0][f"model.{name}"]) for name in saved)
+    assert any(not torch.equal(saved[name], ranks[0][f"initial.{name}"]) for name in saved)
