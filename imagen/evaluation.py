@@ -157,7 +157,9 @@ class Evaluator:
         self.classifier, self.info = classifier, info
         self.data_root, self.seed, self.progress, self.batch_size = data_root, seed, progress, batch_size
         self.prompts, self.digits, self.numerals = evaluation_prompts(num_images)
-        pick = lambda values: None if values is None else [values[i] for i in chosen]  # noqa: E731
+        def pick(values):  # the evaluated stages' entries of a per-stage setting
+            return None if values is None else [values[i] for i in chosen]
+
         self.guidance, self.steps, self.sampler = (pick(guidance) or [None] * len(chosen), pick(steps), pick(sampler))
         last = self.cascade.stages[-1].config.unet
         self.reference = real_reference(classifier, data_root, last.image_size, last.channels, num_images, seed)
