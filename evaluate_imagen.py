@@ -66,7 +66,7 @@ def write_plot(report: dict, path: Path) -> None:
     axes.set_ylabel("prompt accuracy")
     axes.set_title(f"{report['mode']} at {report['resolution']}px, {report['num_images']} images, "
                    f"classifier {report['classifier']['hash'][:8]}", fontsize=9)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="best")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()

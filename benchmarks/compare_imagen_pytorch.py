@@ -59,9 +59,9 @@ def their_model(imagen_pytorch, config, text_dim: int, dim: int):
     unet = imagen_pytorch.Unet(
         dim=dim, dim_mults=tuple(unet_config.channel_mults), channels=unet_config.channels, text_embed_dim=text_dim,
         num_resnet_blocks=unet_config.num_res_blocks, layer_attns=attention, layer_cross_attns=attention,
-        # As many heads of our width as we have at the deepest level.
+        # As many heads of our width as we have at the deepest level (imagen-pytorch needs two or more).
         attn_dim_head=unet_config.num_head_channels,
-        attn_heads=max(1, dim * max(unet_config.channel_mults) // unet_config.num_head_channels),
+        attn_heads=max(2, dim * max(unet_config.channel_mults) // unet_config.num_head_channels),
         max_text_len=config.text_encoder.max_length,
     )
     return imagen_pytorch.Imagen(
