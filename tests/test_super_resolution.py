@@ -256,7 +256,7 @@ def test_trainer_noise_augments_with_levels_from_the_training_range(mnist_root, 
     )
     trainer = Trainer(config, tmp_path / "run")
     recorder = Recorder(trainer.network)
-    trainer.network = recorder
+    trainer.forward = recorder  # the network call of a training step
     trainer._micro_step()
     levels = recorder.calls[0]["aug_level"]
     assert levels.shape == (6,) and levels.min() >= 0.4 and levels.max() <= 0.6
