@@ -58,10 +58,10 @@ class MNISTTextDataset(Dataset):
 
     The whole split is resized once to the stage's resolution and kept as one uint8 tensor
     (``images``, grey, as a PNG would hold it; 3-channel stages repeat it per batch), so a
-    batch is one indexing operation: no per-batch resizing and no loader workers. :meth:`to` moves it, e.g. onto
-    the GPU that trains on it. With ``prompt_style='both'`` each digit's prompt
-    style is drawn per epoch (:meth:`set_epoch`) from a generator seeded by ``seed``, so
-    runs are reproducible yet every digit is seen with both styles.
+    batch is one indexing operation: no per-batch resizing and no loader workers.
+    :meth:`to` moves it, e.g. onto the GPU that trains on it. With ``prompt_style='both'``
+    each digit's prompt style is drawn per epoch (:meth:`set_epoch`) from a generator seeded
+    by ``seed``, so runs are reproducible yet every digit is seen with both styles.
     """
 
     def __init__(
