@@ -22,6 +22,8 @@ class Conditioning(nn.Module):
     - The timestep is embedded (sinusoid + MLP) to ``emb_dim``.
     - Rows with ``drop_text`` get the null condition instead of their text: a single
       valid token that is learned (``null_embedding='learned'``) or zero, all else masked.
+    - With ``unet.text_projection_dim`` the tokens are projected once to that width;
+      pooling and every attention block then see the projected tokens (``text_width``).
     - The text is pooled (attention pooling or masked mean, after a LayerNorm), projected
       and added to the timestep embedding, as in Imagen.
     - Super-resolution: the augmentation level (in [0, 1]) of the low-res input is embedded
@@ -50,9 +52,12 @@ class Conditioning(nn.Module):
             self.null_token = nn.Parameter(torch.randn(text_dim) * 0.02)
         else:
             self.register_buffer("null_token", torch.zeros(text_dim), persistent=False)
-        self.pool_norm = nn.LayerNorm(text_dim) if unet.text_layernorm else nn.Identity()
-        self.pool = AttentionPool(text_dim, unet.num_head_channels) if unet.text_pooling == "attention" else None
-        self.pooled_to_emb = nn.Sequential(nn.Linear(text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.text_width = unet.text_projection_dim or text_dim
+        self.text_projection = nn.Linear(text_dim, self.text_width) if unet.text_projection_dim else None
+        width = self.text_width
+        self.pool_norm = nn.LayerNorm(width) if unet.text_layernorm else nn.Identity()
+        self.pool = AttentionPool(width, unet.num_head_channels) if unet.text_pooling == "attention" else None
+        self.pooled_to_emb = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.aug_embed = TimestepMLP(unet.base_channels, emb_dim) if super_resolution is not None else None
 
     @property
@@ -81,12 +86,15 @@ class Conditioning(nn.Module):
                 drop_text: torch.Tensor | None = None, low_res: torch.Tensor | None = None,
                 aug_level: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Check every input's shape and return, for the network's layers,
-        (input image (B, input_channels, H, W), emb (B, emb_dim), text (B, L, D), text_mask (B, L))."""
+        (input image (B, input_channels, H, W), emb (B, emb_dim), text (B, L, text_width), text_mask (B, L))."""
         batch, size, channels = x.shape[0], self.image_size, self.channels
         assert x.shape[1:] == (channels, size, size), f"expected x (B, {channels}, {size}, {size}), got {tuple(x.shape)}"
         assert t.shape == (batch,), f"timesteps must be (B,), got {tuple(t.shape)}"
         check_text(text, text_mask, batch, self.text_dim)
         text, text_mask = self.substitute_null(text, text_mask, drop_text)
+        if self.text_projection is not None:
+            # Padding stays zero: the projection's bias must not give masked tokens content.
+            text = self.text_projection(text) * text_mask[..., None].to(text.dtype)
         emb = self.time_embed(t)
         normed = self.pool_norm(text)
         pooled = self.pool(normed, text_mask) if self.pool is not None else masked_mean(normed, text_mask)

@@ -88,6 +88,10 @@ class UNetConfig:
     dropout: float = 0.0
     text_pooling: Literal["attention", "mean"] = "attention"
     text_layernorm: bool = True
+    # Project the encoder's tokens once to this width before pooling and attention
+    # (null: use the encoder's width). With T5-XXL (4096) this saves a large
+    # 4096 -> channels key/value projection in every attention block.
+    text_projection_dim: int | None = None
 
     def level_resolutions(self) -> list[int]:
         """Resolution of each U-Net level, highest first (each level halves it)."""
@@ -114,6 +118,8 @@ class UNetConfig:
             wrong = [r for r in getattr(self, key) if r not in levels]
             _require(not wrong, key, f"resolutions the U-Net has (its levels are {levels}); {wrong} is not")
         _require(self.num_head_channels >= 1, "num_head_channels", "a positive integer")
+        _require(self.text_projection_dim is None or self.text_projection_dim >= 1, "text_projection_dim",
+                 "a positive integer or null (no projection)")
         for level, mult in enumerate(self.channel_mults):
             width = self.base_channels * mult
             if levels[level] in self.attention_resolutions + self.cross_attention_resolutions:

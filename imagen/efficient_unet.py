@@ -34,12 +34,13 @@ class EfficientUNet(nn.Module):
         emb_dim = 4 * base
         self.skip_scale = 2**-0.5 if config.scale_skip_connections else 1.0
         self.conditioning = Conditioning(config, text_dim, emb_dim, timesteps, null_embedding, super_resolution)
+        text_width = self.conditioning.text_width
         self.input_conv = nn.Conv2d(self.conditioning.input_channels, base, 3, padding=1)
 
         def level_layers(in_channels: int, out_channels: int, blocks: int, resolution: int) -> list[nn.Module]:
             layers = [ResBlock(in_channels if i == 0 else out_channels, out_channels, emb_dim, config.dropout)
                       for i in range(blocks)]
-            return layers + attention_at(resolution, out_channels, config, text_dim,
+            return layers + attention_at(resolution, out_channels, config, text_width,
                                          self_attention_allowed=config.self_attention)
 
         self.down_blocks = nn.ModuleList()

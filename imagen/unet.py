@@ -58,6 +58,7 @@ class UNet(nn.Module):
         base, mults = config.base_channels, config.channel_mults
         emb_dim = 4 * base
         self.conditioning = Conditioning(config, text_dim, emb_dim, timesteps, null_embedding, super_resolution)
+        text_width = self.conditioning.text_width
         self.input_conv = nn.Conv2d(self.conditioning.input_channels, base, 3, padding=1)
 
         self.down_blocks = nn.ModuleList()
@@ -66,7 +67,7 @@ class UNet(nn.Module):
             for _ in range(config.num_res_blocks):
                 layers = [ResBlock(channels, base * mult, emb_dim, config.dropout)]
                 channels = base * mult
-                layers += attention_at(resolution, channels, config, text_dim)
+                layers += attention_at(resolution, channels, config, text_width)
                 self.down_blocks.append(ConditionedSequential(layers))
                 skip_channels.append(channels)
             if level < len(mults) - 1:
@@ -78,7 +79,7 @@ class UNet(nn.Module):
 
         self.middle = ConditionedSequential(
             [ResBlock(channels, channels, emb_dim, config.dropout)]
-            + attention_at(resolution, channels, config, text_dim)
+            + attention_at(resolution, channels, config, text_width)
             + [ResBlock(channels, channels, emb_dim, config.dropout)]
         )
 
@@ -87,7 +88,7 @@ class UNet(nn.Module):
             for index in range(config.num_res_blocks + 1):
                 layers = [ResBlock(channels + skip_channels.pop(), base * mult, emb_dim, config.dropout)]
                 channels = base * mult
-                layers += attention_at(resolution, channels, config, text_dim)
+                layers += attention_at(resolution, channels, config, text_width)
                 if level > 0 and index == config.num_res_blocks:
                     layers.append(ResBlock(channels, channels, emb_dim, config.dropout, direction="up")
                                   if config.resblock_updown else Upsample(channels))

@@ -92,6 +92,7 @@ INVALID = [
     ({"unet": {"image_size": 60}}, [], ["'unet.channel_mults'", "divisible by 8"]),
     ({"unet": {"attention_resolutions": [32, 12]}}, [], ["'unet.attention_resolutions'", "[64, 32, 16, 8]", "[12]"]),
     ({"unet": {"num_head_channels": 48}}, [], ["'unet.num_head_channels'", "divisor"]),
+    ({"unet": {"text_projection_dim": 0}}, [], ["'unet.text_projection_dim'", "positive integer or null"]),
     ({"unet": {"dropout": 1.5}}, [], ["'unet.dropout'", "[0, 1)"]),
     ({"unet": {"type": "unet", "self_attention": False}}, [], ["unknown key 'unet.self_attention'", "type 'unet'"]),
     ({"unet": {"type": "efficient_unet", "num_res_blocks": [2, 4]}}, [], ["'unet.num_res_blocks'", "one positive count per level"]),

@@ -72,9 +72,10 @@ def test_output_is_zero_at_initialisation_and_has_the_input_shape():
     assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output convolution
 
 
+@pytest.mark.parametrize("projection", [None, 12])
 @pytest.mark.parametrize("pooling", ["attention", "mean"])
-def test_padding_does_not_change_the_output(pooling):
-    network = randomized(build_network(make_config(text_pooling=pooling), TEXT_DIM))
+def test_padding_does_not_change_the_output(pooling, projection):
+    network = randomized(build_network(make_config(text_pooling=pooling, text_projection_dim=projection), TEXT_DIM))
     x, t, text, mask = inputs()
     garbage = text.clone()
     garbage[~mask] = torch.randn(int((~mask).sum()), TEXT_DIM) * 100
@@ -105,6 +106,23 @@ def test_pooled_text_and_text_attention_each_change_the_output():
                                   attention_only(x, t, text_emb=other, text_mask=mask), atol=1e-4)
 
 
+def test_text_projection_feeds_every_attention_block_and_pooling_the_projected_width():
+    plain = build_network(make_config(), TEXT_DIM)
+    projected = build_network(make_config(text_projection_dim=12), TEXT_DIM)
+    widths = {m.text_dim for m in projected.modules() if isinstance(m, AttentionBlock) and m.text_dim}
+    assert widths == {12} and projected.conditioning.pool.to_kv.in_features == 12
+    assert projected.conditioning.text_projection.in_features == TEXT_DIM
+    x, t, text, mask = inputs()
+    calls = attention_calls(randomized(projected), x, t, text_emb=text, text_mask=mask)
+    assert calls == attention_calls(randomized(plain), x, t, text_emb=text, text_mask=mask)
+    # The projection's bias never reaches a masked position.
+    seen = []
+    hook = projected.down_blocks[-1].register_forward_pre_hook(lambda m, args: seen.append(args[2]))
+    projected(x, t, text_emb=text, text_mask=mask)
+    hook.remove()
+    assert seen[0].shape == (3, 6, 12) and torch.all(seen[0][~mask] == 0) and seen[0][mask].abs().sum() > 0
+
+
 def test_timestep_changes_the_output():
     network = randomized(build_network(make_config(), TEXT_DIM))
     x, t, text, mask = inputs()
@@ -113,9 +131,10 @@ def test_timestep_changes_the_output():
                                   network(x, (t + 300) % 1000, text_emb=text, text_mask=mask), atol=1e-4)
 
 
+@pytest.mark.parametrize("projection", [None, 12])
 @pytest.mark.parametrize("null_embedding", ["learned", "zeros"])
-def test_dropped_rows_ignore_their_text(null_embedding):
-    config = make_config()
+def test_dropped_rows_ignore_their_text(null_embedding, projection):
+    config = make_config(text_projection_dim=projection)
     config.guidance.null_embedding = null_embedding
     network = randomized(build_network(config, TEXT_DIM))
     x, t, text, mask = inputs()
