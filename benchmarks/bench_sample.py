@@ -1,7 +1,7 @@
 """Cascade sampling throughput: a batch of prompts through every stage, per sampler and step count.
 
     python benchmarks/bench_sample.py --checkpoints runs/mnist_cpu/base runs/mnist_cpu/sr \\
-        --samplers ddpm:100 ddpm:25 ddim:25 dpmpp_2m:25
+        --samplers ddpm:1000 ddpm:100 dpmpp_2m_sde:50 ddim:50
 
 Prints one JSON object with, per sampler:steps setting, the seconds and images/s of the whole
 cascade and of each stage, after one untimed warm-up pass. Guidance weights come from the
@@ -42,7 +42,7 @@ def synchronize(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True, help="the stages' run folders, base first")
-    parser.add_argument("--samplers", nargs="+", default=["ddpm:100", "ddpm:25", "ddim:25", "dpmpp_2m:25"],
+    parser.add_argument("--samplers", nargs="+", default=["ddpm:100", "dpmpp_2m_sde:50", "ddpm:50", "ddim:50"],
                         help="SAMPLER:STEPS settings, each applied to every stage")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--guidance", help="one weight, or one per stage (default: the configs')")

@@ -2,12 +2,20 @@
 
 import json
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from conftest import python
+from imagen.config import load_stage_config
+from imagen.stage import build_network
+
+TINY_T5_WIDTH = 128
 
 
 def test_bench_train_reports_steady_state_throughput(mnist_root):
     result = python("benchmarks/bench_train.py", "--config", "configs/mnist_cpu/base.yaml", "--set",
-                    f"data.root={mnist_root}", "--set", "training.batch_size=8", "--steps", "2", "--warmup", "1")
+                    f"data.root={mnist_root}", "--set", "training.batch_size=8", "--steps", "2", "--warmup", "1",
+                    "--peak-tflops", "2")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["steps"] == 2 and report["batch_size"] == 8 and report["device"] == "cpu"
@@ -15,6 +23,20 @@ def test_bench_train_reports_steady_state_throughput(mnist_root):
     assert abs(report["images_per_s"] * report["seconds_per_step"] - 8) < 1e-6
     assert report["parameters"] > 1_000_000 and report["peak_memory_mb"] > 100
     assert report["mixed_precision"] == "no"  # auto means full precision without a GPU
+
+    # One step is a forward and a backward pass (about twice the forward) over the batch.
+    config = load_stage_config("configs/mnist_cpu/base.yaml")
+    network = build_network(config, TINY_T5_WIDTH)
+    with FlopCounterMode(display=False) as counter:
+        network(torch.zeros(8, 1, 16, 16), torch.zeros(8, dtype=torch.long),
+                text_emb=torch.zeros(8, config.text_encoder.max_length, TINY_T5_WIDTH),
+                text_mask=torch.ones(8, config.text_encoder.max_length, dtype=torch.bool))
+    forward = counter.get_total_flops()
+    assert 2.5 * forward < report["flops_per_step"] <= 3 * forward
+    assert report["flops_per_image"] == report["flops_per_step"] / 8
+    assert abs(report["achieved_tflops"] - report["flops_per_step"] / report["seconds_per_step"] / 1e12) < 1e-12
+    assert report["peak_tflops"] == 2 and report["peak_precision"] == "fp32"
+    assert abs(report["mfu"] - report["achieved_tflops"] / 2) < 1e-12
 
 
 def test_bench_sample_times_every_stage_per_sampler(trained):
