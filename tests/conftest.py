@@ -43,3 +43,11 @@ def trained(mnist_root, tmp_path_factory) -> Path:
         result = python(script, "--config", config, "--output-dir", str(root / name), *quick)
         assert result.returncode == 0, result.stderr
     return root
+
+
+@pytest.fixture(scope="session")
+def classifier(mnist_root):
+    """The project's MNIST classifier, trained once into the test cache (the CLI tests reuse it)."""
+    from imagen.classifier import load_or_train_classifier
+
+    return load_or_train_classifier(mnist_root, progress=False)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -53,3 +54,34 @@ def test_bench_sample_times_every_stage_per_sampler(trained):
 def test_bench_sample_rejects_a_bad_setting(trained):
     result = python("benchmarks/bench_sample.py", "--checkpoints", str(trained / "base"), "--samplers", "euler:10")
     assert result.returncode == 2 and "SAMPLER:STEPS" in result.stderr
+
+
+def test_sampler_parity_compares_fast_settings_with_the_reference_and_resumes(trained, classifier, mnist_root,
+                                                                               tmp_path):
+    args = ["benchmarks/sampler_parity.py", "--checkpoints", str(trained / "base"), str(trained / "sr"),
+            "--data-root", str(mnist_root), "--reference", "ddpm:3", "--fast", "dpmpp_2m_sde:2",
+            "--seeds", "0", "1", "--num-images", "20", "--batch-size", "10", "--output-dir", str(tmp_path)]
+    result = python(*args)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert list(report["settings"]) == ["ddpm:3", "dpmpp_2m_sde:2"]
+    reference = report["settings"]["ddpm:3"]
+    assert [run["seed"] for run in reference["runs"]] == [0, 1]
+    assert reference["fid"] == sum(run["fid"] for run in reference["runs"]) / 2
+    fast = report["settings"]["dpmpp_2m_sde:2"]
+    assert fast["fid_ratio_vs_reference"] == fast["fid"] / reference["fid"]
+    assert fast["accuracy_points_vs_reference"] == pytest.approx(
+        100 * (fast["prompt_accuracy"] - reference["prompt_accuracy"]))
+    assert fast["matches_reference"] == (fast["accuracy_points_vs_reference"] >= -1
+                                         and fast["fid_ratio_vs_reference"] <= 1.1)
+    saved = json.loads((tmp_path / "dpmpp_2m_sde_2_seed1" / "report.json").read_text())
+    assert [(stage["sampler"], stage["steps"]) for stage in saved["stages"]] == [("dpmpp_2m_sde", 2)] * 2
+    assert saved["seed"] == 1 and saved["num_images"] == 20
+    # A second run reuses every report instead of sampling again.
+    stamps = {path: path.stat().st_mtime_ns for path in tmp_path.glob("*/report.json")}
+    assert len(stamps) == 4
+    again = python(*args)
+    assert again.returncode == 0 and json.loads(again.stdout) == report
+    assert {path: path.stat().st_mtime_ns for path in tmp_path.glob("*/report.json")} == stamps
+    bad = python(*args[:-2], "--fast", "euler:10", "--output-dir", str(tmp_path))
+    assert bad.returncode == 2 and "SAMPLER:STEPS" in bad.stderr and "Traceback" not in bad.stderr

@@ -16,12 +16,6 @@ from imagen.evaluation import (balanced_indices, best_tradeoff, class_balance, e
 from imagen.stage import sample_stage
 
 
-@pytest.fixture(scope="session")
-def classifier(mnist_root):
-    """The project's classifier, trained once into the test cache (the CLI tests reuse it)."""
-    return load_or_train_classifier(mnist_root, progress=False)
-
-
 def gaussian_clusters(weights, count, seed):
     """Features from ten well-separated Gaussian clusters drawn with class probabilities ``weights``."""
     generator = torch.Generator().manual_seed(seed)
