@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--weights", default="ema", choices=["ema", "model"])
     parser.add_argument("--output-dir", required=True, help="where report.json, sweep.csv, sweep.png and samples/ go")
+    parser.add_argument("--no-unconditional", action="store_true",
+                        help="without 0 in the sweep, skip the extra guidance-0 run that measures class balance")
     parser.add_argument("--json", action="store_true", help="also print the report as JSON on stdout")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --output-dir")
     add_debug_argument(parser)
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     def save_samples(weight: float, images) -> None:
         save_png(images[:40], output / "samples" / f"guidance_{weight:g}.png", 10)
 
-    report = evaluator.evaluate(weights, on_images=save_samples)
+    report = evaluator.evaluate(weights, on_images=save_samples, unconditional=not args.no_unconditional)
     text = json.dumps(report, indent=1)
     atomic_write(output / "report.json", text)
     write_csv(report, output / "sweep.csv")

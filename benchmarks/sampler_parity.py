@@ -44,7 +44,8 @@ def evaluate(args, sampler: str, steps: int, seed: int) -> dict:
         command = [sys.executable, str(REPO_ROOT / "evaluate_imagen.py"), "--mode", "cascade",
                    "--checkpoints", *args.checkpoints, "--num-images", str(args.num_images),
                    "--guidance-sweep", args.guidance.split(",")[0], "--guidance", args.guidance,
-                   "--sampler", sampler, "--steps", str(steps), "--seed", str(seed), "--output-dir", str(folder)]
+                   "--sampler", sampler, "--steps", str(steps), "--seed", str(seed), "--no-unconditional",
+                   "--output-dir", str(folder)]
         if args.data_root:
             command += ["--data-root", args.data_root]
         if args.batch_size:

@@ -183,9 +183,11 @@ class Evaluator:
                 "fid": frechet_distance(features, self.reference.test_features),
                 **class_balance(predicted)}
 
-    def evaluate(self, weights: Sequence[float], on_images=None) -> dict:
+    def evaluate(self, weights: Sequence[float], on_images=None, unconditional: bool = True) -> dict:
         """The report: one result per weight, the best trade-off and the unconditional balance.
-        ``on_images(weight, images)`` sees every generated batch (to save sample grids)."""
+        ``on_images(weight, images)`` sees every generated batch (to save sample grids).
+        The balance needs guidance-0 samples: without 0 among ``weights`` they are drawn
+        separately, unless ``unconditional`` is False (then the report's entry is None)."""
         results = []
         for weight in weights:
             start = time.perf_counter()
@@ -193,9 +195,9 @@ class Evaluator:
             results.append({"guidance": weight, **self.score(images), "seconds": time.perf_counter() - start})
             if on_images is not None:
                 on_images(weight, images)
-        unconditional = next((r for r in results if r["guidance"] == 0), None)
-        if unconditional is None:
-            unconditional = self.score(self.generate(0.0))
+        balance = next((r for r in results if r["guidance"] == 0), None)
+        if balance is None and unconditional:
+            balance = self.score(self.generate(0.0))
         stages = self.cascade.stages
         return {
             "mode": self.mode,
@@ -214,7 +216,8 @@ class Evaluator:
             "fid_floor": self.reference.floor_fid,
             "results": results,
             "best": best_tradeoff(results),
-            "unconditional": {key: unconditional[key] for key in ("class_fractions", "normalized_entropy")},
+            "unconditional": None if balance is None else {key: balance[key]
+                                                           for key in ("class_fractions", "normalized_entropy")},
         }
 
 

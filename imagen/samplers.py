@@ -162,8 +162,17 @@ def dpm_solver_pp_2m_sde_sample_loop(
                                  stochastic=True)
 
 
-def _dpm_solver_pp_2m(diffusion, model_fn, shape, generator, device, thresholding, noise,
-                      stochastic: bool) -> Iterator[SamplerStep]:
+def _dpm_solver_pp_2m(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    thresholding: Thresholding,
+    noise: torch.Tensor | None,
+    stochastic: bool,
+) -> Iterator[SamplerStep]:
+    """The DPM-Solver++(2M) loop; ``stochastic`` picks the SDE update over the ODE one."""
     threshold = _threshold_fn(thresholding)
     x = _initial_noise(shape, noise, generator, device)
     log_snr = 0.5 * torch.log(diffusion.snr)  # lambda per step index, float64

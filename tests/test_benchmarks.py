@@ -77,6 +77,7 @@ def test_sampler_parity_compares_fast_settings_with_the_reference_and_resumes(tr
     saved = json.loads((tmp_path / "dpmpp_2m_sde_2_seed1" / "report.json").read_text())
     assert [(stage["sampler"], stage["steps"]) for stage in saved["stages"]] == [("dpmpp_2m_sde", 2)] * 2
     assert saved["seed"] == 1 and saved["num_images"] == 20
+    assert saved["unconditional"] is None  # no extra guidance-0 run
     # A second run reuses every report instead of sampling again.
     stamps = {path: path.stat().st_mtime_ns for path in tmp_path.glob("*/report.json")}
     assert len(stamps) == 4
