@@ -236,7 +236,7 @@ class ThresholdingConfig:
 class SamplingConfig:
     """Defaults for sampling this stage; every one can be overridden per run."""
 
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"] = "dpmpp_2m_sde"
     steps: int = 50
     guidance: float = 5.0
     # DDIM stochasticity: 0 is deterministic DDIM, 1 matches DDPM's variance.

@@ -38,6 +38,14 @@ def test_every_shipped_stage_config_round_trips(path, tmp_path):
     assert config_to_dict(reloaded) == config_to_dict(config)
 
 
+@pytest.mark.parametrize("path", STAGE_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_shipped_configs_default_to_the_measured_fast_sampler(path):
+    """50 steps of SDE-DPM-Solver++(2M) matched 1000 ancestral steps on the CPU cascade
+    (benchmarks/sampler_parity.py, README "Sampling the cascade")."""
+    sampling = load_stage_config(path).sampling
+    assert (sampling.sampler, sampling.steps) == ("dpmpp_2m_sde", 50)
+
+
 @pytest.mark.parametrize("path", CASCADE_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_shipped_cascades_chain_their_resolutions(path):
     cascade = load_cascade_config(path)
