@@ -54,10 +54,11 @@ class Conditioning(nn.Module):
             self.register_buffer("null_token", torch.zeros(text_dim), persistent=False)
         self.text_width = unet.text_projection_dim or text_dim
         self.text_projection = nn.Linear(text_dim, self.text_width) if unet.text_projection_dim else None
-        width = self.text_width
-        self.pool_norm = nn.LayerNorm(width) if unet.text_layernorm else nn.Identity()
-        self.pool = AttentionPool(width, unet.num_head_channels) if unet.text_pooling == "attention" else None
-        self.pooled_to_emb = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pool_norm = nn.LayerNorm(self.text_width) if unet.text_layernorm else nn.Identity()
+        self.pool = (AttentionPool(self.text_width, unet.num_head_channels) if unet.text_pooling == "attention"
+                     else None)
+        self.pooled_to_emb = nn.Sequential(nn.Linear(self.text_width, emb_dim), nn.SiLU(),
+                                           nn.Linear(emb_dim, emb_dim))
         self.aug_embed = TimestepMLP(unet.base_channels, emb_dim) if super_resolution is not None else None
 
     @property
