@@ -25,6 +25,7 @@ from pathlib import Path
 
 from imagen.cli import add_debug_argument, per_stage_values, run_script
 from imagen.errors import ImagenError
+from imagen.io import atomic_write
 from imagen.samplers import SAMPLERS
 
 CSV_COLUMNS = ("guidance", "prompt_accuracy", "words_accuracy", "numerals_accuracy", "fid", "fid_floor",
@@ -32,8 +33,6 @@ CSV_COLUMNS = ("guidance", "prompt_accuracy", "words_accuracy", "numerals_accura
 
 
 def write_csv(report: dict, path: Path) -> None:
-    from imagen.checkpoint import atomic_write
-
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
@@ -49,8 +48,6 @@ def write_plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-
-    from imagen.checkpoint import atomic_write
 
     results = report["results"]
     figure, axes = plt.subplots(figsize=(5.5, 4.2), dpi=120)
@@ -111,11 +108,9 @@ def main(argv: list[str] | None = None) -> None:
                           "replace it or choose another folder.")
 
     from imagen.cascade import load_stage, per_stage
-    from imagen.checkpoint import atomic_write
     from imagen.classifier import load_or_train_classifier
     from imagen.evaluation import Evaluator, evaluation_prompts
-    from imagen.text import resolve_device
-    from imagen.trainer import save_png
+    from imagen.io import resolve_device, save_png
 
     evaluation_prompts(args.num_images)  # validates the count before anything is loaded
     device = resolve_device(args.device)

@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                           "replace them or choose another folder.")
 
     from imagen.cascade import Cascade, per_stage
-    from imagen.checkpoint import atomic_write
-    from imagen.trainer import save_png
+    from imagen.io import atomic_write, save_png
 
     cascade = Cascade.from_checkpoints(args.checkpoint, device=args.device, weights=args.weights)
     count = len(cascade.stages)

@@ -16,13 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from imagen.cli import add_debug_argument, per_stage_values, run_script  # noqa: E402
-from imagen.errors import ImagenError  # noqa: E402
-from imagen.samplers import SAMPLERS  # noqa: E402
+from imagen.cli import add_debug_argument, per_stage_values, run_script
+from imagen.errors import ImagenError
+from imagen.samplers import SAMPLERS
 
 
 def parse_setting(text: str) -> tuple[str, int]:

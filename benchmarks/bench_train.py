@@ -7,10 +7,11 @@
 Prints one JSON object: images/s and seconds per step after ``--warmup`` steps (compilation,
 allocator warm-up), peak memory (max RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA),
 parameter count, the settings that matter (device, batch size, precision, compile), and the
-model FLOPs of one training step (forward and backward, counted by
-``torch.utils.flop_counter.FlopCounterMode``), the FLOP/s achieved and the model FLOPs
-utilisation: achieved / the device's dense peak for the precision used (known NVIDIA GPUs,
-or ``--peak-tflops``; null on a CPU without it).
+model FLOPs of one training step (the network's forward and backward, counted by
+``torch.utils.flop_counter.FlopCounterMode`` on the training device, see
+``imagen.throughput``), the FLOP/s achieved and the model FLOPs utilisation: achieved / the
+device's dense peak for the precision used (known NVIDIA GPUs, or ``--peak-tflops``; null
+on a CPU without it).
 The run folder is temporary: nothing is written into the repository.
 """
 
@@ -18,19 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from imagen.cli import add_debug_argument, load_config_from_args, run_script  # noqa: E402
-from imagen.errors import ImagenError  # noqa: E402
+from imagen.cli import add_debug_argument, load_config_from_args, run_script
+from imagen.errors import ImagenError
+from imagen.throughput import compute_precision, device_name, peak_memory_mb, peak_tflops, training_flops_per_image
 
 
 def synchronize(device: torch.device) -> None:
@@ -38,46 +36,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-# Dense peak TFLOP/s per precision (vendor datasheets), matched against the device name in order.
-PEAK_TFLOPS = [
-    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
-    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-]
-
-
-def peak_tflops(device_name: str, precision: str) -> float | None:
-    for name, peaks in PEAK_TFLOPS:
-        if name in device_name:
-            return peaks[precision]
-    return None
-
-
-def step_flops(trainer) -> int:
-    """Model FLOPs of one optimizer step (forward and backward), counted on the uncompiled
-    network so that compilation cannot hide operations from the counter."""
-    compiled, trainer.forward = trainer.forward, trainer.network
-    try:
-        with FlopCounterMode(display=False) as counter:
-            trainer.train_step()
-    finally:
-        trainer.forward = compiled
-    return counter.get_total_flops()
-
-
 def measure(config, steps: int, warmup: int, peak: float | None = None) -> dict:
     from imagen.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
-        trainer = Trainer(config, Path(folder) / "run")
-        device = trainer.accelerator.device
+        trainer = Trainer.from_config(config, Path(folder) / "run")
+        device = trainer.device
         for _ in range(warmup):
             trainer.train_step()
         synchronize(device)
@@ -89,20 +53,19 @@ def measure(config, steps: int, warmup: int, peak: float | None = None) -> dict:
         synchronize(device)
         elapsed = time.perf_counter() - start
         training = config.training
-        images = steps * training.batch_size * training.grad_accum_steps * trainer.accelerator.num_processes
+        images_per_step = training.batch_size * training.grad_accum_steps * trainer.accelerator.num_processes
         network = trainer.accelerator.unwrap_model(trainer.network)
-        flops = step_flops(trainer)
-        precision = trainer.accelerator.mixed_precision
-        if precision == "no":
-            precision = "tf32" if device.type == "cuda" and training.allow_tf32 else "fp32"
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        peak = peak if peak is not None else peak_tflops(device_name, precision)
+        flops_per_image = training_flops_per_image(config, trainer.text_dim, device)
+        flops = flops_per_image * training.batch_size * training.grad_accum_steps
+        precision = compute_precision(trainer.accelerator.mixed_precision, device, training.allow_tf32)
+        name = device_name(device)
+        peak = peak if peak is not None else peak_tflops(name, precision)
         achieved = flops / (elapsed / steps) / 1e12
         return {
             "config": config.unet.type,
             "image_size": config.unet.image_size,
             "device": str(device),
-            "device_name": device_name,
+            "device_name": name,
             "threads": torch.get_num_threads(),
             "batch_size": training.batch_size,
             "mixed_precision": trainer.accelerator.mixed_precision,
@@ -111,11 +74,11 @@ def measure(config, steps: int, warmup: int, peak: float | None = None) -> dict:
             "warmup_steps": warmup,
             "steps": steps,
             "seconds_per_step": elapsed / steps,
-            "images_per_s": images / elapsed,
+            "images_per_s": steps * images_per_step / elapsed,
             "peak_memory_mb": peak_memory_mb(device),
             "peak_memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "max_rss",
             "flops_per_step": flops,
-            "flops_per_image": flops / (training.batch_size * training.grad_accum_steps),
+            "flops_per_image": flops_per_image,
             "achieved_tflops": achieved,
             "peak_tflops": peak,
             "peak_precision": precision,

@@ -30,12 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from imagen.cli import add_debug_argument, load_config_from_args, run_script  # noqa: E402
-from imagen.errors import ImagenError  # noqa: E402
+from imagen.cli import add_debug_argument, load_config_from_args, run_script
+from imagen.errors import ImagenError
 
 
 def import_imagen_pytorch(text_dim: int):
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     from imagen.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as folder:
-        ours = Trainer(config, Path(folder) / "run")
+        ours = Trainer.from_config(config, Path(folder) / "run")
         ours_parameters = parameters(ours.accelerator.unwrap_model(ours.network))
         text_dim = ours.text_table.embeddings.shape[-1]
         imagen_pytorch = import_imagen_pytorch(text_dim)
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         theirs.train()
 
         def their_step() -> None:
-            images, text = ours._batch()
+            images, text = ours.next_batch()
             loss = theirs(images, text_embeds=text.embeddings, text_masks=text.mask, unet_number=1)
             loss.backward()
             optimizer.step()

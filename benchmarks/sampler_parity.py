@@ -22,11 +22,10 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
-from imagen.cli import add_debug_argument, run_script  # noqa: E402
-from imagen.errors import ImagenError  # noqa: E402
-from imagen.samplers import SAMPLERS  # noqa: E402
+from imagen.cli import add_debug_argument, run_script
+from imagen.errors import ImagenError
+from imagen.samplers import SAMPLERS
 
 
 def parse_setting(text: str) -> tuple[str, int]:

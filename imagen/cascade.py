@@ -24,7 +24,8 @@ from imagen.config import StageConfig, check_stage_order, load_stage_config
 from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
 from imagen.stage import build_diffusion, build_network, sample_stage
-from imagen.text import EncodedText, TextEmbeddingCache, resolve_device
+from imagen.io import resolve_device, seeded_generator
+from imagen.text import EncodedText, TextEmbeddingCache
 
 T = TypeVar("T")
 
@@ -133,7 +134,7 @@ class Cascade:
                        unit="step", dynamic_ncols=True)
             images = []
             for start in batches:
-                generator = torch.Generator(device=self.device).manual_seed(seed + 1_000_003 * index + start)
+                generator = seeded_generator(self.device, seed + 1_000_003 * index + start)
                 chunk = slice(start, start + size)
                 images.append(sample_stage(
                     stage.network, stage.diffusion, stage.config, EncodedText(text.embeddings[chunk], text.mask[chunk]),

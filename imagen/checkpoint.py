@@ -16,28 +16,7 @@ from pathlib import Path
 import torch
 
 from imagen.errors import ImagenError
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
-
-    The bytes go to a temporary file in the same folder (same filesystem, so the final
-    ``os.replace`` is atomic), are flushed to disk, and only then replace ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(payload)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
+from imagen.io import to_host
 
 CHECKPOINTS = "checkpoints"
 _STEP_FOLDER = re.compile(r"^step_(\d{8})$")
@@ -83,7 +62,7 @@ def save_checkpoint(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], s
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         for name, named_tensors in tensors.items():
-            contiguous = {key: value.detach().contiguous().cpu() for key, value in named_tensors.items()}
+            contiguous = {key: to_host(value).contiguous() for key, value in named_tensors.items()}
             save_file(contiguous, str(staging / f"{name}.safetensors"))
         for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8")

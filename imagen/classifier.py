@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from imagen.checkpoint import atomic_write
-from imagen.data import MNISTTextDataset, to_model_images
+from imagen.data import load_mnist, to_model_images
 from imagen.errors import ImagenError
-from imagen.text import cache_root
+from imagen.io import atomic_write, cache_root, to_host
 
 CLASSIFIER_SIZE = 28
 FEATURE_DIM = 128
@@ -81,8 +80,8 @@ def classify(classifier: DigitClassifier, images: torch.Tensor, batch_size: int 
     for start in range(0, len(images), batch_size):
         batch = classifier_input(images[start:start + batch_size].to(device))
         feature = classifier.features(batch)
-        predictions.append(classifier.head(feature).argmax(dim=1).cpu())
-        features.append(feature.double().cpu())
+        predictions.append(to_host(classifier.head(feature).argmax(dim=1)))
+        features.append(to_host(feature).double())
     return torch.cat(predictions), torch.cat(features)
 
 
@@ -133,9 +132,9 @@ def train_classifier(data_root: str | Path, steps: int = 400, batch_size: int = 
     """Train the CNN on MNIST's training split and measure it on the test split."""
     torch.manual_seed(seed)
     device = torch.device(device)
-    train = MNISTTextDataset(data_root, CLASSIFIER_SIZE, split="train")
-    test = MNISTTextDataset(data_root, CLASSIFIER_SIZE, split="test")
-    images = to_model_images(train.raw_images, CLASSIFIER_SIZE, 1)
+    train_images, train_labels = load_mnist(data_root, "train")
+    test_images, test_labels = load_mnist(data_root, "test")
+    images = to_model_images(train_images, CLASSIFIER_SIZE, 1)
     classifier = DigitClassifier().to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=3e-3, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.15)
@@ -144,16 +143,15 @@ def train_classifier(data_root: str | Path, steps: int = 400, batch_size: int = 
     for _ in tqdm(range(steps), desc="train classifier", unit="step", disable=not progress, dynamic_ncols=True):
         indices = torch.randint(0, len(images), (batch_size,), generator=generator)
         batch = augment(images[indices], generator).to(device)
-        loss = F.cross_entropy(classifier(batch), train.labels[indices].to(device), label_smoothing=0.05)
+        loss = F.cross_entropy(classifier(batch), train_labels[indices].to(device), label_smoothing=0.05)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
     classifier.eval()
-    test_images = to_model_images(test.raw_images, CLASSIFIER_SIZE, 1)
-    small = to_model_images(test.raw_images, 16, 1)
-    info = ClassifierInfo(RECIPE, len(images), steps, seed, accuracy(classifier, test_images, test.labels),
-                          accuracy(classifier, small, test.labels))
+    info = ClassifierInfo(RECIPE, len(images), steps, seed,
+                          accuracy(classifier, to_model_images(test_images, CLASSIFIER_SIZE, 1), test_labels),
+                          accuracy(classifier, to_model_images(test_images, 16, 1), test_labels))
     return classifier, info
 
 
@@ -174,7 +172,7 @@ def save_classifier(classifier: DigitClassifier, info: ClassifierInfo, folder: P
     ``info`` with the weights' hash filled in."""
     from safetensors.torch import save
 
-    data = save({name: tensor.contiguous().cpu() for name, tensor in classifier.state_dict().items()})
+    data = save({name: to_host(tensor).contiguous() for name, tensor in classifier.state_dict().items()})
     info = ClassifierInfo(**{**asdict(info), "sha256": hashlib.sha256(data).hexdigest()})
     stem = folder / f"{info.recipe}_n{info.train_size}_s{info.seed}"
     atomic_write(stem.with_suffix(".safetensors"), data)
@@ -204,7 +202,7 @@ def load_or_train_classifier(data_root: str | Path, device: str | torch.device =
     """The cached classifier for this training split (trained and cached on first use), checked
     against the accuracy gate."""
     folder = Path(folder) if folder is not None else cache_root() / "classifier"
-    train_size = len(MNISTTextDataset(data_root, CLASSIFIER_SIZE, split="train"))
+    train_size = len(load_mnist(data_root, "train")[1])
     stem = folder / f"{RECIPE}_n{train_size}_s{seed}"
     if stem.with_suffix(".json").exists():
         classifier, info = load_classifier(stem, device)

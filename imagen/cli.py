@@ -92,5 +92,5 @@ def train_stage(argv: Sequence[str] | None, description: str, super_resolution: 
     from imagen.trainer import Trainer  # heavy imports only once the arguments are valid
 
     run_dir = Path(args.output_dir or config.training.output_dir)
-    Trainer(config, run_dir, resume=args.resume, overwrite=args.overwrite).train()
+    Trainer.from_config(config, run_dir, resume=args.resume, overwrite=args.overwrite).train()
     print(f"done: {run_dir}")

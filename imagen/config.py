@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -21,8 +22,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
-from imagen.checkpoint import atomic_write
 from imagen.errors import ImagenError
+from imagen.io import atomic_write
 
 
 class ConfigError(ImagenError):
@@ -93,9 +94,15 @@ class UNetConfig:
     # 4096 -> channels key/value projection in every attention block.
     text_projection_dim: int | None = None
 
+    @property
+    def halvings(self) -> int:
+        """How often the network halves the input resolution, down to its lowest level."""
+        return len(self.channel_mults) - 1
+
     def level_resolutions(self) -> list[int]:
         """Resolution of each U-Net level, highest first (each level halves it)."""
-        return [self.image_size // 2**level for level in range(len(self.channel_mults))]
+        lowest = self.image_size // 2**self.halvings
+        return [lowest * 2 ** (len(self.channel_mults) - 1 - level) for level in range(len(self.channel_mults))]
 
     def validate(self) -> None:
         _require(self.image_size >= 1, "image_size", "a positive integer")
@@ -106,12 +113,12 @@ class UNetConfig:
             "channel_mults",
             "a non-empty list of positive integers",
         )
-        factor = 2 ** (len(self.channel_mults) - 1)
+        factor = 2**self.halvings
         _require(
             self.image_size % factor == 0,
             "channel_mults",
             f"at most as many levels as unet.image_size={self.image_size} can be halved: "
-            f"{len(self.channel_mults)} levels need a size divisible by {factor}",
+            f"{len(self.channel_mults)} levels halve it {self.halvings} times, so it must be divisible by {factor}",
         )
         levels = self.level_resolutions()
         for key in ("attention_resolutions", "cross_attention_resolutions"):
@@ -154,19 +161,27 @@ class EfficientUNetConfig(UNetConfig):
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     # More residual blocks at lower resolutions: one count per level.
     num_res_blocks: list[int] = field(default_factory=lambda: [2, 4, 8, 8])
-    # Empty: attention only at the lowest resolution, as in the paper.
-    attention_resolutions: list[int] = field(default_factory=list)
-    cross_attention_resolutions: list[int] = field(default_factory=list)
+    # True: the first level halves the resolution too, as every DBlock of Appendix F's
+    # pseudo-code has stride 2, so the levels run at image/2 ... image/2^n and no residual
+    # block runs at full resolution. False: the first level keeps the full resolution.
+    downsample_first_level: bool = False
+    # null: attention only at the lowest resolution, as in the paper; []: none.
+    attention_resolutions: Optional[list[int]] = None
+    cross_attention_resolutions: Optional[list[int]] = None
     scale_skip_connections: bool = True
     # False drops self-attention but keeps text cross-attention (the 256->1024 model).
     self_attention: bool = True
 
     def __post_init__(self) -> None:
-        lowest = self.image_size // 2 ** max(len(self.channel_mults) - 1, 0)
-        if not self.attention_resolutions:
+        lowest = self.level_resolutions()[-1]
+        if self.attention_resolutions is None:
             self.attention_resolutions = [lowest]
-        if not self.cross_attention_resolutions:
+        if self.cross_attention_resolutions is None:
             self.cross_attention_resolutions = [lowest]
+
+    @property
+    def halvings(self) -> int:
+        return len(self.channel_mults) - 1 + int(self.downsample_first_level)
 
     def validate(self) -> None:
         super().validate()
@@ -242,6 +257,9 @@ class SamplingConfig:
     # DDIM stochasticity: 0 is deterministic DDIM, 1 matches DDPM's variance.
     eta: float = 0.0
     batch_size: int = 64
+    # Precision of the network while sampling; auto: bf16 autocast on a GPU that supports it,
+    # full precision otherwise (the sampler's own arithmetic is always float32).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
     def validate(self) -> None:
         _require(self.steps >= 1, "steps", "a positive integer")
@@ -291,6 +309,9 @@ class DataConfig:
 class TrainingConfig:
     batch_size: int = 64
     max_steps: int = 10000
+    # Wall-clock budget of one training run (setup included), in minutes; when it runs out,
+    # training writes a checkpoint and a sample grid and exits normally (--resume goes on).
+    max_minutes: Optional[float] = None
     lr: float = 1e-4
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 1000
@@ -326,6 +347,8 @@ class TrainingConfig:
         for key in ("batch_size", "max_steps", "grad_accum_steps", "checkpoint_every", "sample_every", "log_every",
                     "keep_checkpoints"):
             _require(getattr(self, key) >= 1, key, "a positive integer")
+        _require(self.max_minutes is None or 0 < self.max_minutes < math.inf, "max_minutes",
+                 "a positive, finite number of minutes or null (no time limit)")
         _require(self.lr > 0, "lr", "a positive learning rate")
         _require(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         _require(self.weight_decay >= 0, "weight_decay", "a number >= 0")

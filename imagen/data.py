@@ -15,24 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from imagen.captions import digit_prompts
 from imagen.errors import ImagenError
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-PROMPT_STYLES = ("words", "numerals", "both")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class DataError(ImagenError):
     """A data folder that does not hold what the config says it holds."""
-
-
-def digit_prompts(style: str) -> list[str]:
-    """The distinct prompts of a style: words ("seven"), numerals ("7"), or words then numerals."""
-    words, numerals = list(DIGIT_WORDS), [str(digit) for digit in range(10)]
-    prompts = {"words": words, "numerals": numerals, "both": words + numerals}
-    if style not in prompts:
-        raise DataError(f"data.prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {style!r}.")
-    return prompts[style]
 
 
 def to_model_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
@@ -53,15 +43,44 @@ def to_model_images(images: torch.Tensor, size: int, channels: int) -> torch.Ten
     return images * 2.0 - 1.0
 
 
+def load_mnist(root: str | Path, split: str = "train", download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST as stored: images (N, 1, 28, 28) uint8 and labels (N,) long, from torchvision's
+    layout under ``root`` (``MNIST/raw``)."""
+    from torchvision.datasets import MNIST
+
+    try:
+        mnist = MNIST(str(root), train=split == "train", download=download)
+    except (RuntimeError, OSError) as exc:
+        raise DataError(
+            f"data.root {str(root)!r} holds no MNIST {split} split ({' '.join(str(exc).split())}). "
+            f"Expected {Path(root) / 'MNIST' / 'raw'} with the idx files (e.g. train-images-idx3-ubyte); "
+            "point data.root at such a folder (offline copy: ../shared/data) or set data.download: true "
+            "on a machine with internet access."
+        ) from None
+    return mnist.data.unsqueeze(1), mnist.targets.long()
+
+
+def resize_uint8(images: torch.Tensor, size: int, device: torch.device | str = "cpu",
+                 chunk: int = 4096) -> torch.Tensor:
+    """uint8 grey images (N, 1, h, w) -> uint8 (N, 1, size, size) on ``device``, resized there
+    chunk by chunk exactly as :func:`to_model_images` does (a GPU resizes the 60k MNIST digits
+    to 256 px in a fraction of the time a CPU takes)."""
+    return torch.cat([
+        ((to_model_images(part.to(device), size, 1) + 1) * 127.5).round().to(torch.uint8)
+        for part in images.split(chunk)
+    ])
+
+
 class MNISTTextDataset(Dataset):
     """MNIST digits, each paired with its digit as a word or a numeral.
 
     The whole split is resized once to the stage's resolution and kept as one uint8 tensor
     (``images``, grey, as a PNG would hold it; 3-channel stages repeat it per batch), so a
-    batch is one indexing operation: no per-batch resizing and no loader workers.
-    :meth:`to` moves it, e.g. onto the GPU that trains on it. With ``prompt_style='both'``
-    each digit's prompt style is drawn per epoch (:meth:`set_epoch`) from a generator seeded
-    by ``seed``, so runs are reproducible yet every digit is seen with both styles.
+    batch is one indexing operation: no per-batch resizing and no loader workers. It is
+    resized on ``device`` and stays there (e.g. the GPU that trains on it); :meth:`to`
+    moves it. With ``prompt_style='both'`` each digit's prompt style is drawn per epoch
+    (:meth:`set_epoch`) from a generator seeded by ``seed``, so runs are reproducible yet
+    every digit is seen with both styles.
     """
 
     def __init__(
@@ -73,30 +92,16 @@ class MNISTTextDataset(Dataset):
         prompt_style: str = "both",
         seed: int = 0,
         download: bool = False,
+        device: torch.device | str = "cpu",
     ):
-        from torchvision.datasets import MNIST
-
         self.prompts = digit_prompts(prompt_style)
-        try:
-            mnist = MNIST(str(root), train=split == "train", download=download)
-        except (RuntimeError, OSError) as exc:
-            raise DataError(
-                f"data.root {str(root)!r} holds no MNIST {split} split ({' '.join(str(exc).split())}). "
-                f"Expected {Path(root) / 'MNIST' / 'raw'} with the idx files (e.g. train-images-idx3-ubyte); "
-                "point data.root at such a folder (offline copy: ../shared/data) or set data.download: true "
-                "on a machine with internet access."
-            ) from None
+        self.raw_images, self.labels = load_mnist(root, split, download)  # (N, 1, 28, 28) uint8, (N,)
         self.image_size = image_size
         self.channels = channels
         self.prompt_style = prompt_style
         self.seed = seed
-        self.raw_images = mnist.data.unsqueeze(1)  # (N, 1, 28, 28) uint8
-        self.labels = mnist.targets.long()
-        self.images = torch.cat([
-            ((to_model_images(chunk, image_size, 1) + 1) * 127.5).round().to(torch.uint8)
-            for chunk in self.raw_images.split(4096)
-        ])
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)
+        self.images = resize_uint8(self.raw_images, image_size, self.device)
         self.set_epoch(0)
 
     def to(self, device: torch.device | str) -> "MNISTTextDataset":
@@ -190,8 +195,10 @@ class CaptionFolderDataset(Dataset):
         return images[0], self.prompts[int(prompt_indices[0])]
 
 
-def build_dataset(data_config, image_size: int, channels: int) -> MNISTTextDataset | CaptionFolderDataset:
-    """The dataset a stage's ``data`` section asks for, at the stage's resolution and channels."""
+def build_dataset(data_config, image_size: int, channels: int,
+                  device: torch.device | str = "cpu") -> MNISTTextDataset | CaptionFolderDataset:
+    """The dataset a stage's ``data`` section asks for, at the stage's resolution and channels;
+    MNIST is prepared on and kept on ``device``."""
     if data_config.dataset == "mnist":
         return MNISTTextDataset(
             data_config.root,
@@ -201,5 +208,6 @@ def build_dataset(data_config, image_size: int, channels: int) -> MNISTTextDatas
             prompt_style=data_config.prompt_style,
             seed=data_config.seed,
             download=data_config.download,
+            device=device,
         )
     return CaptionFolderDataset(data_config.root, image_size, channels)

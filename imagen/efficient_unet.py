@@ -2,7 +2,8 @@
 
 Compared to the base U-Net it moves compute to low resolutions and saves memory at high
 ones: more residual blocks at lower resolutions (one count per level), a DBlock
-downsamples *before* its convolutions and a UBlock upsamples *after* them, the skip
+downsamples *before* its convolutions and a UBlock upsamples *after* them (with
+``downsample_first_level`` the first DBlock too, as in Appendix F), the skip
 connections from DBlocks to UBlocks are scaled by 1/sqrt(2), and attention runs only at
 the configured (by default the lowest) resolutions; self-attention can be switched off
 while text cross-attention stays (the paper's 256->1024 model).
@@ -47,7 +48,7 @@ class EfficientUNet(nn.Module):
         channels, resolution, skip_channels = base, config.image_size, []
         for level, (mult, blocks) in enumerate(zip(mults, config.num_res_blocks)):
             layers: list[nn.Module] = []
-            if level > 0:  # downsample first: the level's convolutions run at the lower resolution
+            if level > 0 or config.downsample_first_level:  # the level's convolutions run at the lower resolution
                 layers.append(Downsample(channels))
                 resolution //= 2
             layers += level_layers(channels, base * mult, blocks, resolution)
@@ -60,7 +61,7 @@ class EfficientUNet(nn.Module):
             out_channels = base * mults[level]
             layers = level_layers(channels + skip_channels.pop(), out_channels, config.num_res_blocks[level], resolution)
             channels = out_channels
-            if level > 0:  # upsample last: the level's convolutions ran at the lower resolution
+            if level > 0 or config.downsample_first_level:  # upsample last: the convolutions ran at the lower one
                 layers.append(Upsample(channels))
                 resolution *= 2
             self.up_blocks.append(ConditionedSequential(layers))

@@ -23,7 +23,8 @@ import torch
 
 from imagen.cascade import Cascade, Stage
 from imagen.classifier import ClassifierInfo, DigitClassifier, EvaluationError, classify
-from imagen.data import DIGIT_WORDS, MNISTTextDataset, to_model_images
+from imagen.captions import DIGIT_WORDS
+from imagen.data import load_mnist, to_model_images
 
 EVALUATION_MODES = ("base", "sr", "cascade")
 BEST_TOLERANCE = 0.01  # weights within 1 point of the best accuracy compete on FID
@@ -115,14 +116,24 @@ def real_reference(classifier: DigitClassifier, data_root: str | Path, size: int
                    seed: int = 0) -> RealReference:
     """Features of the whole test split at ``size`` and the Frechet distance of ``count``
     balanced training digits (processed identically) to them."""
-    test = MNISTTextDataset(data_root, size, channels, split="test")
-    train = MNISTTextDataset(data_root, size, channels, split="train")
-    predicted, test_features = classify(classifier, to_model_images(test.raw_images, size, channels))
+    test_images, test_labels = load_mnist(data_root, "test")
+    train_images, train_labels = load_mnist(data_root, "train")
+    predicted, test_features = classify_at(classifier, test_images, size, channels)
     _, digits, _ = evaluation_prompts(count)
-    picked = balanced_indices(train.labels, digits, seed)
-    _, train_features = classify(classifier, to_model_images(train.raw_images[picked], size, channels))
+    picked = balanced_indices(train_labels, digits, seed)
+    _, train_features = classify_at(classifier, train_images[picked], size, channels)
     return RealReference(size, test_features, frechet_distance(train_features, test_features),
-                         float((predicted == test.labels).float().mean()))
+                         float((predicted == test_labels).float().mean()))
+
+
+def classify_at(classifier: DigitClassifier, digits: torch.Tensor, size: int, channels: int,
+                chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`classify` real uint8 digits (N, 1, 28, 28) processed as generated images are
+    compared with them: resized to ``size`` and ``channels``, on the classifier's device,
+    a chunk at a time (the test split at 256 px would be 2.6 GB at once)."""
+    device = next(classifier.parameters()).device
+    results = [classify(classifier, to_model_images(part.to(device), size, channels)) for part in digits.split(chunk)]
+    return torch.cat([predicted for predicted, _ in results]), torch.cat([features for _, features in results])
 
 
 class Evaluator:
@@ -166,9 +177,9 @@ class Evaluator:
         self.low_res = None
         if mode == "sr":
             config = self.cascade.stages[0].config
-            test = MNISTTextDataset(data_root, config.super_resolution.low_res_size, config.unet.channels, split="test")
-            picked = balanced_indices(test.labels, self.digits, seed + 1)
-            self.low_res = to_model_images(test.raw_images[picked], config.super_resolution.low_res_size,
+            test_images, test_labels = load_mnist(data_root, "test")
+            picked = balanced_indices(test_labels, self.digits, seed + 1)
+            self.low_res = to_model_images(test_images[picked], config.super_resolution.low_res_size,
                                            config.unet.channels)
 
     def generate(self, weight: float) -> torch.Tensor:

@@ -64,5 +64,6 @@ class ClassifierFreeGuidance:
         drop = torch.arange(2 * batch, device=x.device) >= batch
         doubled_cond = {name: doubled(value) for name, value in cond.items()}
         out = self.model(doubled(x), doubled(t), drop_text=drop, **doubled_cond)
-        cond_out, uncond_out = out[:batch], out[batch:]
+        # Extrapolate in float32 even when the network ran in half precision.
+        cond_out, uncond_out = out[:batch].float(), out[batch:].float()
         return self.weight * cond_out + (1 - self.weight) * uncond_out

@@ -1,4 +1,10 @@
-"""One cascade stage: its network and diffusion built from a stage config, and sampling it."""
+"""One cascade stage: its network and diffusion built from a stage config, and how the stage
+is trained (:func:`training_losses`) and sampled (:func:`sample_stage`).
+
+Both sides apply Imagen's conditioning the same way: classifier-free guidance (conditions
+dropped in training, guided at sampling) and, for super-resolution stages, noise
+conditioning augmentation of the low-resolution input, whose level the network is told.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,10 @@ from imagen.config import StageConfig
 from imagen.diffusion import GaussianDiffusion
 from imagen.efficient_unet import EfficientUNet
 from imagen.errors import ImagenError
-from imagen.guidance import ClassifierFreeGuidance
+from imagen.guidance import ClassifierFreeGuidance, draw_cond_drop
+from imagen.io import resolve_mixed_precision
 from imagen.samplers import SamplerStep, sample
-from imagen.super_resolution import noise_augment
+from imagen.super_resolution import downsample, draw_aug_levels, noise_augment
 from imagen.text import EncodedText
 from imagen.unet import UNet
 
@@ -39,6 +46,36 @@ def build_diffusion(config: StageConfig) -> GaussianDiffusion:
     )
 
 
+def training_losses(network: Callable[..., torch.Tensor], diffusion: GaussianDiffusion, config: StageConfig,
+                    images: torch.Tensor, text: EncodedText, *,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The stage's per-sample losses on a batch (see ``GaussianDiffusion.training_losses``).
+
+    images: (B, C, H, W) in [-1, 1] at the stage's resolution; text: its prompts (B, L, D).
+    Each row's text is replaced by the null condition with probability
+    ``guidance.cond_drop_prob``. A super-resolution stage learns from the images'
+    downsample to ``low_res_size``, noise-augmented at a level drawn from
+    ``train_aug_range``, exactly as :func:`sample_stage` augments its input.
+    ``generator`` (on the images' device) draws every random number.
+    """
+    cond = {"text_emb": text.embeddings, "text_mask": text.mask,
+            "drop_text": draw_cond_drop(images.shape[0], config.guidance.cond_drop_prob, device=images.device,
+                                        generator=generator)}
+    super_resolution = config.super_resolution
+    if super_resolution is not None:
+        levels = draw_aug_levels(images.shape[0], super_resolution.train_aug_range, device=images.device,
+                                 generator=generator)
+        cond["low_res"], cond["aug_level"] = noise_augment(
+            diffusion, downsample(images, super_resolution.low_res_size), levels, generator=generator)
+    return diffusion.training_losses(network, images, generator=generator,
+                                     min_snr_gamma=config.diffusion.min_snr_gamma, **cond)
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a ``mixed_precision`` setting on ``device``; None: full precision."""
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_mixed_precision(setting, device)]
+
+
 @torch.no_grad()
 def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: StageConfig, text: EncodedText, *,
                  guidance: float | None = None, steps: int | None = None, sampler: str | None = None,
@@ -50,7 +87,9 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
     Super-resolution stages take ``low_res`` (B, C, h, w), noise-augmented at ``aug_level``
     (default ``super_resolution.sample_aug_level``) exactly as in training. Settings not
     given come from the stage's ``sampling`` and ``thresholding`` sections (``thresholding``
-    overrides the mode only).
+    overrides the mode only). The network runs under ``sampling.mixed_precision``; the
+    sampler's arithmetic stays in float32. Inputs may live anywhere: they are moved to the
+    network's device, where the images are returned.
     """
     sampling = config.sampling
     sampler = sampler or sampling.sampler
@@ -63,14 +102,21 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
         low_res = low_res.to(device)
         levels = torch.full((low_res.shape[0],), float(level), device=device)
         low_res, levels = noise_augment(diffusion, low_res, levels, generator=generator)
-    guided = ClassifierFreeGuidance(network, sampling.guidance if guidance is None else guidance)
-    model_fn = functools.partial(
-        guided,
+    guided = functools.partial(
+        ClassifierFreeGuidance(network, sampling.guidance if guidance is None else guidance),
         text_emb=text.embeddings.to(device),
         text_mask=text.mask.to(device),
         low_res=low_res,
         aug_level=levels,
     )
+    dtype = autocast_dtype(sampling.mixed_precision, device)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if dtype is None:
+            return guided(x, t)
+        with torch.autocast(device.type, dtype=dtype):
+            return guided(x, t).float()
+
     size, channels = config.unet.image_size, config.unet.channels
     images = sample(
         diffusion, model_fn, (len(text.mask), channels, size, size),

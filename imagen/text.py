@@ -19,9 +19,9 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from imagen.checkpoint import atomic_write
-from imagen.data import DIGIT_WORDS
+from imagen.captions import DIGIT_WORDS
 from imagen.errors import ImagenError
+from imagen.io import atomic_write, cache_root, resolve_device, to_host
 
 TINY_T5_NAME = "tiny"
 # Bump when build_tiny_t5 changes, so stale folders and cached embeddings are not reused.
@@ -43,17 +43,12 @@ class EncodedText(NamedTuple):
     embeddings: torch.Tensor
     mask: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "EncodedText":
+        return EncodedText(self.embeddings.to(device), self.mask.to(device))
 
-def cache_root() -> Path:
-    """Where built artefacts (the tiny T5) live: ``$IMAGEN_CACHE_DIR`` or ``~/.cache/imagen-mnist``."""
-    return Path(os.environ.get("IMAGEN_CACHE_DIR", Path.home() / ".cache" / "imagen-mnist"))
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` means CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    def rows(self, indices: torch.Tensor | slice) -> "EncodedText":
+        """The prompts at ``indices`` (a LongTensor on the same device, or a slice)."""
+        return EncodedText(self.embeddings[indices], self.mask[indices])
 
 
 def make_tiny_t5():
@@ -224,7 +219,7 @@ class T5TextEncoder:
             hidden = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         # T5 still writes values at padded positions; zero them so nothing downstream can use them.
         embeddings = hidden.float() * mask[..., None]
-        return EncodedText(embeddings.cpu(), mask.cpu())
+        return EncodedText(to_host(embeddings), to_host(mask))
 
 
 class TextEmbeddingCache:

@@ -1,31 +1,32 @@
 """The training loop shared by every cascade stage.
 
-accelerate handles devices, mixed precision and multi-process runs. Text embeddings for
-every prompt are computed once before training and the encoder is released; the loop
-then draws image batches by index and looks embeddings up in a table on the device.
-A run folder holds ``config.yaml`` (the resolved config), ``checkpoints/step_N/``
-(safetensors + JSON, written atomically), ``samples/step_N.png`` sample grids and
-``metrics.jsonl``.
+accelerate handles mixed precision and multi-process runs. :meth:`Trainer.from_config`
+builds what a stage trains on: the dataset (kept on the training device), the text
+embeddings of every prompt (computed once; the encoder is then released, and the loop
+looks embeddings up in a table on the device), the network and its diffusion. A run
+folder holds ``config.yaml`` (the resolved config), ``checkpoints/step_N/`` (safetensors
++ JSON, written atomically), ``samples/step_N.png`` sample grids and ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from imagen.captions import DIGIT_WORDS, digit_prompts
 from imagen.checkpoint import (
     CHECKPOINTS,
-    atomic_write,
     checkpoint_folder,
     flatten_state,
     latest_checkpoint,
@@ -35,13 +36,15 @@ from imagen.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from imagen.config import StageConfig, config_to_dict, config_to_yaml, load_stage_config
-from imagen.data import DIGIT_WORDS, MNISTTextDataset, build_dataset, digit_prompts
+from imagen.config import StageConfig, config_to_dict, config_to_yaml, load_stage_config, save_config
+from imagen.data import MNISTTextDataset, build_dataset
+from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
-from imagen.guidance import draw_cond_drop
-from imagen.stage import build_diffusion, build_network, sample_stage
-from imagen.super_resolution import downsample, draw_aug_levels, noise_augment
+from imagen.io import resolve_device, resolve_mixed_precision, save_png, seeded_generator, to_host
+from imagen.stage import build_diffusion, build_network, sample_stage, training_losses
+from imagen.super_resolution import downsample
 from imagen.text import EncodedText, TextEmbeddingCache
+from imagen.throughput import peak_memory_mb
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -76,13 +79,6 @@ class EMA:
             averaged.copy_(current)
 
 
-def resolve_mixed_precision(setting: str) -> str:
-    """``auto`` -> bf16 on a CUDA GPU that supports it, else no."""
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
 def build_optimizer(network: nn.Module, config: StageConfig, fused: bool = False) -> torch.optim.Optimizer:
     """The configured optimizer; ``fused`` selects the single-kernel CUDA Adam/AdamW."""
     training = config.training
@@ -108,6 +104,16 @@ def lr_factor(step: int, config: StageConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+@dataclass
+class GridExamples:
+    """What the sample grids show: prompts (N), their text, and for super-resolution the
+    ground-truth images (N, C, H, W) whose downsamples are the inputs."""
+
+    prompts: list[str]
+    text: EncodedText
+    images: torch.Tensor | None = None
+
+
 def grid_examples(dataset, super_resolution: bool) -> tuple[list[str], torch.Tensor | None]:
     """Prompts (and for super-resolution the ground-truth images) of the sample grids.
 
@@ -128,17 +134,16 @@ def grid_examples(dataset, super_resolution: bool) -> tuple[list[str], torch.Ten
     return prompts, dataset.get_batch(indices)[0]
 
 
-def save_png(images: torch.Tensor, path: Path, columns: int) -> None:
-    """Images (N, C, H, W) in [-1, 1] -> one PNG grid with ``columns`` per row (atomic)."""
-    from torchvision.utils import make_grid
-    from PIL import Image
-
-    grid = make_grid((images.float().cpu() + 1) / 2, nrow=columns, padding=2, pad_value=0.5)
-    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write(path, buffer.getvalue())
+def encode_prompts(config: StageConfig, dataset) -> tuple[EncodedText, GridExamples]:
+    """The text of every distinct prompt of ``dataset`` (rows in ``dataset.prompts`` order) and
+    the grid examples, encoded once; the encoder is released afterwards."""
+    cache = TextEmbeddingCache.from_config(config.text_encoder)
+    grid_prompts, grid_images = grid_examples(dataset, config.is_super_resolution)
+    cache.precompute(dataset.prompts + grid_prompts)
+    table = cache.encode(dataset.prompts)
+    grid = GridExamples(grid_prompts, cache.encode(grid_prompts), grid_images)
+    cache.release_encoder()  # the encoder never runs inside a training step
+    return table, grid
 
 
 RUN_CONTENTS = (CONFIG_FILE, CHECKPOINTS, SAMPLES, METRICS_FILE)
@@ -169,69 +174,96 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Pat
     return None
 
 
+def make_accelerator(config: StageConfig, run_dir: Path):
+    """accelerate's view of this process: mixed precision, gradient accumulation, process group.
+    The trainer places tensors itself (``device_placement=False``), on the device it is given."""
+    from accelerate import Accelerator
+
+    training = config.training
+    return Accelerator(
+        # Several processes without GPUs (accelerate launch on CPU machines) form a gloo group
+        # only when accelerate is told to use the CPU.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        mixed_precision=resolve_mixed_precision(training.mixed_precision, resolve_device("auto")),
+        gradient_accumulation_steps=training.grad_accum_steps,
+        device_placement=False,
+        log_with="tensorboard" if training.tensorboard else None,
+        project_dir=str(run_dir),
+    )
+
+
 class Trainer:
-    """Trains one stage. ``train()`` runs until ``training.max_steps`` optimizer steps."""
+    """Trains one stage: ``train()`` runs to ``training.max_steps`` optimizer steps, or until
+    ``training.max_minutes`` have passed since ``started``.
 
-    def __init__(self, config: StageConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
+    It is handed what it trains: the network (on the CPU; the trainer moves it), the
+    diffusion, the dataset, the text table (one row per ``dataset.prompts`` entry) and the
+    grid examples. :meth:`from_config` builds all of them from a stage config, as the
+    training scripts do. ``device`` defaults to accelerate's (this process's GPU, or the CPU).
+    """
 
+    def __init__(self, config: StageConfig, run_dir: str | Path, *, network: nn.Module,
+                 diffusion: GaussianDiffusion, dataset, text_table: EncodedText, grid: GridExamples,
+                 accelerator=None, device: torch.device | str | None = None, started: float | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
         training = config.training
-        resume_from = prepare_run_dir(self.run_dir, resume, overwrite)
-        self.accelerator = Accelerator(
-            # Several processes without GPUs (accelerate launch on CPU machines) form a gloo group
-            # only when accelerate is told to use the CPU.
-            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
-            mixed_precision=resolve_mixed_precision(training.mixed_precision),
-            gradient_accumulation_steps=training.grad_accum_steps,
-            log_with="tensorboard" if training.tensorboard else None,
-            project_dir=str(self.run_dir),
-        )
-        set_seed(training.seed)
-        device = self.accelerator.device
-        if device.type == "cuda":
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(config, self.run_dir)
+        self.device = torch.device(device) if device is not None else self.accelerator.device
+        started = time.monotonic() if started is None else started
+        self.deadline = None if training.max_minutes is None else started + 60.0 * training.max_minutes
+        if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = training.allow_tf32
             torch.backends.cudnn.allow_tf32 = training.allow_tf32
         self.memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
 
-        self.dataset = build_dataset(config.data, config.unet.image_size, config.unet.channels)
-        if isinstance(self.dataset, MNISTTextDataset):
-            self.dataset.to(device)
-        cache = TextEmbeddingCache.from_config(config.text_encoder)
-        self.grid_prompts, self.grid_images = grid_examples(self.dataset, config.is_super_resolution)
-        cache.precompute(self.dataset.prompts + self.grid_prompts)
-        table = cache.encode(self.dataset.prompts)
-        self.grid_text = cache.encode(self.grid_prompts)
-        cache.release_encoder()  # the encoder never runs inside a training step
-        self.text_table = EncodedText(table.embeddings.to(device), table.mask.to(device))
-        text_dim = table.embeddings.shape[-1]
-
-        network = build_network(config, text_dim).to(memory_format=self.memory_format)
+        self.dataset = dataset
+        self.text_table = text_table.to(self.device)
+        self.grid = grid
+        self.text_dim = text_table.embeddings.shape[-1]
+        self.diffusion = diffusion
+        network = network.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(network, training.ema_decay, training.ema_warmup)
-        optimizer = build_optimizer(network, config, fused=device.type == "cuda")
+        optimizer = build_optimizer(network, config, fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
         self.network, self.optimizer = self.accelerator.prepare(network, optimizer)
         # The compiled forward shares the network's parameters; saving and EMA use the plain module.
         self.forward = torch.compile(self.network) if training.compile else self.network
-        self.ema.network.to(device)
-        self.diffusion = build_diffusion(config)
         rank = self.accelerator.process_index
-        # Batches (CPU) and noise/timesteps/dropping (device) draw from their own seeded generators.
-        self.data_generator = torch.Generator().manual_seed(training.seed * 7919 + rank)
-        self.noise_generator = torch.Generator(device=device).manual_seed(training.seed * 104729 + rank)
+        # Batches (CPU) and noise/timesteps/dropping (device) draw from their own seeded generators,
+        # whose seeds differ for every seed and rank.
+        self.data_generator = torch.Generator().manual_seed(training.seed * 7919 + 2 * rank)
+        self.noise_generator = seeded_generator(self.device, training.seed * 104729 + 2 * rank + 1)
         self.step = 0
-        self.first_bad_loss = torch.zeros(2, device=device)  # (step, loss) of the first non-finite loss
+        self.first_bad_loss = torch.zeros(2, device=self.device)  # (step, loss) of the first non-finite loss
         self.interval = self._new_interval()
         self.epoch = 0  # the dataset starts at epoch 0; MNIST redraws word/numeral prompts per epoch
-        self.text_dim = text_dim
-        if resume_from is not None:
-            self._load(resume_from)
-        elif self.accelerator.is_main_process:
-            atomic_write(self.run_dir / CONFIG_FILE, config_to_yaml(config))
         if training.tensorboard:
             self.accelerator.init_trackers("tensorboard")
+
+    @classmethod
+    def from_config(cls, config: StageConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                    device: torch.device | str | None = None) -> "Trainer":
+        """Everything a stage trains on, built from its config: a new run in ``run_dir``, or with
+        ``resume`` the run there continued from its latest checkpoint."""
+        from accelerate.utils import set_seed
+
+        started = time.monotonic()  # training.max_minutes counts the setup too
+        run_dir = Path(run_dir)
+        resume_from = prepare_run_dir(run_dir, resume, overwrite)
+        accelerator = make_accelerator(config, run_dir)
+        set_seed(config.training.seed)
+        device = torch.device(device) if device is not None else accelerator.device
+        dataset = build_dataset(config.data, config.unet.image_size, config.unet.channels, device)
+        text_table, grid = encode_prompts(config, dataset)
+        trainer = cls(config, run_dir, network=build_network(config, text_table.embeddings.shape[-1]),
+                      diffusion=build_diffusion(config), dataset=dataset, text_table=text_table, grid=grid,
+                      accelerator=accelerator, device=device, started=started)
+        if resume_from is not None:
+            trainer.load(resume_from)
+        elif accelerator.is_main_process:
+            save_config(config, run_dir / CONFIG_FILE)
+        return trainer
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -242,7 +274,7 @@ class Trainer:
             return folder
         optimizer_tensors, optimizer_skeleton = flatten_state(self.optimizer.state_dict())
         rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
-               "noise": self.noise_generator.get_state().cpu()}
+               "noise": self.noise_generator.get_state()}  # generator states are CPU byte tensors, also for CUDA
         if torch.cuda.is_available():
             rng.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
         state = {
@@ -261,7 +293,8 @@ class Trainer:
         return save_checkpoint(folder, tensors, state, {CONFIG_FILE: config_to_yaml(self.config)},
                                keep=self.config.training.keep_checkpoints)
 
-    def _load(self, folder: Path) -> None:
+    def load(self, folder: Path) -> None:
+        """Continue from checkpoint ``folder``: weights, EMA, optimizer, schedule, random state."""
         state = load_state(folder)
         saved = load_stage_config(folder / CONFIG_FILE)
         before = _flat(config_to_dict(saved))
@@ -275,7 +308,7 @@ class Trainer:
         rng = load_tensors(folder / "rng.safetensors")
         torch.set_rng_state(rng["torch"])
         self.data_generator.set_state(rng["data"])
-        self.noise_generator.set_state(rng["noise"])  # generator states are CPU byte tensors, also for CUDA
+        self.noise_generator.set_state(rng["noise"])
         if torch.cuda.is_available() and "cuda0" in rng:
             torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
         self.step = state["step"]
@@ -290,23 +323,24 @@ class Trainer:
         """
         rows = []
         low_res = None
-        if self.grid_images is not None:
+        if self.grid.images is not None:
             size = self.config.unet.image_size
-            low_res = downsample(self.grid_images, self.config.super_resolution.low_res_size)
-            rows.append(torch.nn.functional.interpolate(low_res, size=(size, size), mode="nearest"))
+            low_res = downsample(self.grid.images, self.config.super_resolution.low_res_size)
+            rows.append(F.interpolate(low_res, size=(size, size), mode="nearest"))
         for weight in self.config.training.sample_guidance:
-            generator = torch.Generator(device=self.accelerator.device).manual_seed(self.config.training.seed)
-            rows.append(sample_stage(self.ema.network, self.diffusion, self.config, self.grid_text,
-                                     guidance=weight, generator=generator, low_res=low_res).cpu())
-        if self.grid_images is not None:
-            rows.append(self.grid_images)
+            rows.append(sample_stage(self.ema.network, self.diffusion, self.config, self.grid.text, guidance=weight,
+                                     generator=seeded_generator(self.device, self.config.training.seed),
+                                     low_res=low_res))
+        if self.grid.images is not None:
+            rows.append(self.grid.images)
         path = self.run_dir / SAMPLES / f"step_{self.step:08d}.png"
-        save_png(torch.cat(rows), path, columns=10)
+        save_png(rows, path, columns=10)  # the rows may live on different devices; save_png joins them on the host
         return path
 
     # ------------------------------------------------------------------ training
 
-    def _batch(self) -> tuple[torch.Tensor, EncodedText]:
+    def next_batch(self) -> tuple[torch.Tensor, EncodedText]:
+        """The next training batch on the training device: images (B, C, H, W), their text."""
         training = self.config.training
         epoch = self.step * training.batch_size * training.grad_accum_steps // len(self.dataset)
         if epoch != self.epoch and isinstance(self.dataset, MNISTTextDataset):
@@ -314,29 +348,14 @@ class Trainer:
             self.epoch = epoch
         indices = torch.randint(len(self.dataset), (training.batch_size,), generator=self.data_generator)
         images, prompt_indices = self.dataset.get_batch(indices)
-        prompt_indices = prompt_indices.to(self.accelerator.device)
-        text = EncodedText(self.text_table.embeddings[prompt_indices], self.text_table.mask[prompt_indices])
-        return images.to(self.accelerator.device).contiguous(memory_format=self.memory_format), text
+        text = self.text_table.rows(prompt_indices.to(self.device))
+        return images.to(self.device).contiguous(memory_format=self.memory_format), text
 
     def _micro_step(self) -> dict[str, torch.Tensor]:
-        images, text = self._batch()
-        drop = draw_cond_drop(images.shape[0], self.config.guidance.cond_drop_prob,
-                              device=images.device, generator=self.noise_generator)
-        cond = {"text_emb": text.embeddings, "text_mask": text.mask, "drop_text": drop}
-        super_resolution = self.config.super_resolution
-        if super_resolution is not None:
-            # Noise conditioning augmentation: the same function sampling uses, at a random level.
-            levels = draw_aug_levels(images.shape[0], super_resolution.train_aug_range, device=images.device,
-                                     generator=self.noise_generator)
-            cond["low_res"], cond["aug_level"] = noise_augment(
-                self.diffusion, downsample(images, super_resolution.low_res_size), levels,
-                generator=self.noise_generator,
-            )
+        images, text = self.next_batch()
         with self.accelerator.autocast():
-            losses = self.diffusion.training_losses(
-                self.forward, images, generator=self.noise_generator,
-                min_snr_gamma=self.config.diffusion.min_snr_gamma, **cond,
-            )
+            losses = training_losses(self.forward, self.diffusion, self.config, images, text,
+                                     generator=self.noise_generator)
         loss = losses["loss"].float().mean()
         # Remember the first non-finite loss on the device; check_finite() reads it only when a
         # log line or checkpoint is due, so steps never wait for the accelerator.
@@ -349,12 +368,27 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Stop, before anything is written, if a loss since the start was NaN or infinite."""
-        step, value = self.first_bad_loss.tolist()
+        step, value = to_host(self.first_bad_loss).tolist()
         if step:
             raise TrainingError(
                 f"the loss became {value} at step {int(step)}; training stopped without writing a checkpoint "
                 "(the last good one is kept). Try a lower training.lr or mixed_precision: no."
             )
+
+    def out_of_time(self) -> bool:
+        """Whether ``training.max_minutes`` have passed. With several processes the main one
+        decides, at log steps only, so that every process stops after the same step."""
+        if self.deadline is None:
+            return False
+        expired = time.monotonic() >= self.deadline
+        if self.accelerator.num_processes == 1:
+            return expired
+        if self.step % self.config.training.log_every:
+            return False
+        from accelerate.utils import broadcast
+
+        decision = broadcast(torch.tensor([float(expired)], device=self.accelerator.device), from_process=0)
+        return bool(to_host(decision)[0])
 
     @staticmethod
     def _new_interval() -> dict:
@@ -383,7 +417,8 @@ class Trainer:
 
     def train(self, until: int | None = None) -> None:
         """Train to ``training.max_steps`` or, if given, stop early after step ``until`` (with a
-        checkpoint there); the learning-rate schedule always follows ``max_steps``."""
+        checkpoint there), or when ``training.max_minutes`` run out (with a checkpoint and a
+        sample grid there); the learning-rate schedule always follows ``max_steps``."""
         training = self.config.training
         accelerator = self.accelerator
         stop = training.max_steps if until is None else min(until, training.max_steps)
@@ -394,30 +429,38 @@ class Trainer:
         while self.step < stop:
             self.train_step()
             progress.update(1)
-            if self.step % training.log_every == 0 or self.step == stop:
+            out_of_time = self.out_of_time()
+            last = self.step == stop or out_of_time
+            if self.step % training.log_every == 0 or last:
                 self.check_finite()
                 record = self._log(self.interval, time.perf_counter() - self.interval["start"])
                 progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
                 self.interval = self._new_interval()
-            if self.step % training.checkpoint_every == 0 or self.step == stop:
+            if self.step % training.checkpoint_every == 0 or last:
                 self.check_finite()
                 self.save()
-            if accelerator.is_main_process and (self.step % training.sample_every == 0 or self.step == training.max_steps):
+            if accelerator.is_main_process and (self.step % training.sample_every == 0
+                                                or self.step == training.max_steps or out_of_time):
                 self.write_sample_grid()
+            if out_of_time:
+                accelerator.print(f"training.max_minutes={training.max_minutes:g} reached after step {self.step}: "
+                                  f"checkpoint and sample grid written; --resume continues the run.")
+                break
         progress.close()
         accelerator.end_training()
 
     def _log(self, interval: dict, elapsed: float) -> dict:
-        losses, timesteps = torch.cat(interval["loss"]).cpu(), torch.cat(interval["t"]).cpu()
+        losses, timesteps = to_host(torch.cat(interval["loss"])), to_host(torch.cat(interval["t"]))
         quartile = timesteps * 4 // self.diffusion.num_timesteps
+        grad_norms = [to_host(torch.as_tensor(g)).float() for g in interval["grad_norm"]]
         record = {
             "step": self.step,
             "loss": float(losses.mean()),
             **{f"loss_q{q}": float(losses[quartile == q].mean()) for q in range(4) if (quartile == q).any()},
             "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": (float(torch.stack([torch.as_tensor(g).float().cpu() for g in interval["grad_norm"]]).mean())
-                          if interval["grad_norm"] else 0.0),
+            "grad_norm": float(torch.stack(grad_norms).mean()) if grad_norms else 0.0,
             "img_per_s": interval["images"] / max(elapsed, 1e-9),
+            "peak_memory_mb": peak_memory_mb(self.device),
         }
         if self.accelerator.is_main_process:
             with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:

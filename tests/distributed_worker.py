@@ -7,18 +7,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imagen.config import load_stage_config  # noqa: E402
-from imagen.trainer import Trainer  # noqa: E402
+from imagen.config import load_stage_config
+from imagen.trainer import Trainer
 
 config_path, run_dir, mnist_root, out = sys.argv[1:5]
 config = load_stage_config(config_path, [f"data.root={mnist_root}", "training.batch_size=4", "training.max_steps=3",
                                          "sampling.steps=2", "training.sample_guidance=[1]"])
-trainer = Trainer(config, run_dir)
+trainer = Trainer.from_config(config, run_dir)
 network = trainer.accelerator.unwrap_model(trainer.network)
 initial = {f"initial.{k}": v.detach().clone().contiguous() for k, v in network.state_dict().items()}
-first_batch, _ = trainer._batch()
+first_batch, _ = trainer.next_batch()
 trainer.train()
 rank = trainer.accelerator.process_index
 save_file({**initial, **{f"model.{k}": v.contiguous() for k, v in network.state_dict().items()},

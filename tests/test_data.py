@@ -5,15 +5,8 @@ import torch
 from PIL import Image
 
 from imagen.config import DataConfig
-from imagen.data import (
-    DIGIT_WORDS,
-    CaptionFolderDataset,
-    DataError,
-    MNISTTextDataset,
-    build_dataset,
-    digit_prompts,
-    to_model_images,
-)
+from imagen.captions import DIGIT_WORDS, digit_prompts
+from imagen.data import CaptionFolderDataset, DataError, MNISTTextDataset, build_dataset, to_model_images
 
 
 @pytest.fixture(scope="module")

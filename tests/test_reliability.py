@@ -147,12 +147,12 @@ def small_config(mnist_root, **training):
 
 
 def test_resuming_halfway_gives_bit_identical_weights(mnist_root, tmp_path):
-    straight = Trainer(small_config(mnist_root), tmp_path / "straight")
+    straight = Trainer.from_config(small_config(mnist_root), tmp_path / "straight")
     straight.train()
-    halves = Trainer(small_config(mnist_root), tmp_path / "halves")
+    halves = Trainer.from_config(small_config(mnist_root), tmp_path / "halves")
     halves.train(until=3)
     assert halves.step == 3 and latest_checkpoint(tmp_path / "halves").name == "step_00000003"
-    resumed = Trainer(small_config(mnist_root), tmp_path / "halves", resume=True)
+    resumed = Trainer.from_config(small_config(mnist_root), tmp_path / "halves", resume=True)
     assert resumed.step == 3
     resumed.train()
     for a, b in ((straight.network, resumed.network), (straight.ema.network, resumed.ema.network)):

@@ -254,7 +254,7 @@ def test_trainer_noise_augments_with_levels_from_the_training_range(mnist_root, 
         data={"root": str(mnist_root)},
         training={"batch_size": 6, "max_steps": 1, "sample_every": 100, "checkpoint_every": 100},
     )
-    trainer = Trainer(config, tmp_path / "run")
+    trainer = Trainer.from_config(config, tmp_path / "run")
     recorder = Recorder(trainer.network)
     trainer.forward = recorder  # the network call of a training step
     trainer._micro_step()

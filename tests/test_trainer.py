@@ -109,13 +109,13 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 
 def test_checkpoint_reload_gives_bit_identical_outputs(mnist_root, tmp_path):
-    trainer = Trainer(small_config(mnist_root), tmp_path / "run")
+    trainer = Trainer.from_config(small_config(mnist_root), tmp_path / "run")
     trainer.train()
-    resumed = Trainer(small_config(mnist_root), tmp_path / "run", resume=True)
+    resumed = Trainer.from_config(small_config(mnist_root), tmp_path / "run", resume=True)
     assert resumed.step == 2
     x = torch.randn(2, 1, 16, 16)
     t = torch.tensor([10, 900])
-    text = trainer.grid_text
+    text = trainer.grid.text
     kwargs = {"text_emb": text.embeddings[:2], "text_mask": text.mask[:2]}
     for before, after in ((trainer.network, resumed.network), (trainer.ema.network, resumed.ema.network)):
         before.eval(), after.eval()
@@ -126,7 +126,7 @@ def test_checkpoint_reload_gives_bit_identical_outputs(mnist_root, tmp_path):
 
 
 def test_non_finite_loss_stops_without_writing_a_checkpoint(mnist_root, tmp_path):
-    trainer = Trainer(small_config(mnist_root, max_steps=6, checkpoint_every=2), tmp_path / "run")
+    trainer = Trainer.from_config(small_config(mnist_root, max_steps=6, checkpoint_every=2), tmp_path / "run")
     calls = {"n": 0}
 
     def poison(module, args, output):

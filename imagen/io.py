@@ -1,0 +1,102 @@
+"""Where tensors meet the outside world: devices, the host, files and the cache folder.
+
+Every tensor that leaves the accelerator for the host (to be written, printed or read as a
+number) goes through :func:`to_host`, and every seeded generator comes from
+:func:`seeded_generator`. Keeping those two crossings in one place is what lets the device
+tests run the trainer, the sample grids and evaluation with PyTorch's ``meta`` device
+standing in for a GPU: a tensor that reaches the host any other way, or is combined with a
+tensor on the other device, fails there as it would on a real GPU.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """A ``mixed_precision`` setting for ``device``: ``auto`` is bf16 on a CUDA GPU that
+    supports it, else ``no``; other settings stay."""
+    if setting != "auto":
+        return setting
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached and on the CPU.
+
+    The ``meta`` device holds shapes without values (the device tests use it as a stand-in
+    accelerator); its tensors arrive as zeros of the same shape and dtype.
+    """
+    tensor = tensor.detach()
+    if tensor.is_meta:
+        return torch.zeros(tensor.shape, dtype=tensor.dtype)
+    return tensor.cpu()
+
+
+def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A random generator on ``device`` seeded with ``seed``.
+
+    The ``meta`` device has no generators; its random tensors carry no values, so a CPU
+    generator stands in (PyTorch accepts it for meta tensors).
+    """
+    device = torch.device(device)
+    return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
+
+
+def cache_root() -> Path:
+    """Where built artefacts (the tiny T5, the classifier) live: ``$IMAGEN_CACHE_DIR`` or
+    ``~/.cache/imagen-mnist``."""
+    return Path(os.environ.get("IMAGEN_CACHE_DIR", Path.home() / ".cache" / "imagen-mnist"))
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
+
+    The bytes go to a temporary file in the same folder (same filesystem, so the final
+    ``os.replace`` is atomic), are flushed to disk, and only then replace ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(payload)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_png(rows: torch.Tensor | Sequence[torch.Tensor], path: Path, columns: int) -> None:
+    """Images in [-1, 1] -> one PNG grid with ``columns`` per row, written atomically.
+
+    ``rows``: one tensor (N, C, H, W), or several (each (N_i, C, H, W)) that may live on
+    different devices; each is brought to the host before they are joined.
+    """
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    rows = [rows] if isinstance(rows, torch.Tensor) else list(rows)
+    images = torch.cat([to_host(row).float() for row in rows])
+    grid = make_grid((images + 1) / 2, nrow=columns, padding=2, pad_value=0.5)
+    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())

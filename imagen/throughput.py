@@ -1,0 +1,74 @@
+"""Throughput accounting: model FLOPs of a training step, model FLOPs utilisation, peak memory.
+
+MFU = achieved model FLOP/s / the device's dense peak for the precision in use. Model FLOPs
+are the network's forward and backward (counted by ``torch.utils.flop_counter``, not the
+optimizer), so the number compares across frameworks and hardware.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from imagen.config import StageConfig
+
+# Dense peak TFLOP/s per precision (vendor datasheets), matched against the device name in order.
+PEAK_TFLOPS = [
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+]
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The dense peak of a known GPU for ``precision`` (bf16, fp16, tf32, fp32), else None."""
+    for name, peaks in PEAK_TFLOPS:
+        if name in device_name:
+            return peaks[precision]
+    return None
+
+
+def compute_precision(mixed_precision: str, device: torch.device, allow_tf32: bool) -> str:
+    """What the matrix units run at: the autocast dtype, else tf32 or fp32."""
+    if mixed_precision in ("bf16", "fp16"):
+        return mixed_precision
+    return "tf32" if device.type == "cuda" and allow_tf32 else "fp32"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def training_flops_per_image(config: StageConfig, text_dim: int, device: torch.device | str = "meta") -> float:
+    """Model FLOPs (forward and backward) of one image in a training step of the stage,
+    counted over one step of a batch of two on ``device``.
+
+    On the meta device nothing is allocated, so even paper-scale stages are counted in
+    seconds on a CPU; there attention is counted as its plain matrix products, which
+    gives slightly more than the fused kernels a real device runs (3% on the CPU base
+    stage), so count on the training device when it is at hand.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from imagen.stage import build_diffusion, build_network, training_losses
+    from imagen.text import EncodedText
+
+    batch, length = 2, config.text_encoder.max_length
+    size, channels = config.unet.image_size, config.unet.channels
+    with torch.device(device):
+        network = build_network(config, text_dim)
+        images = torch.zeros(batch, channels, size, size)
+        text = EncodedText(torch.zeros(batch, length, text_dim), torch.ones(batch, length, dtype=torch.bool))
+    with FlopCounterMode(display=False) as counter:
+        losses = training_losses(network, build_diffusion(config), config, images, text)
+        losses["loss"].mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated on a CUDA device, else the process's maximum resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
