@@ -37,7 +37,8 @@ def write_csv(report: dict, path: Path) -> None:
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
     for result in report["results"]:
-        row = {**result, "fid_floor": report["fid_floor"], "best": int(result["guidance"] == report["best"]["guidance"])}
+        best = int(result["guidance"] == report["best"]["guidance"])
+        row = {**result, "fid_floor": report["fid_floor"], "best": best}
         writer.writerow([f"{row[key]:.6g}" if isinstance(row[key], float) else row[key] for key in CSV_COLUMNS])
     atomic_write(path, buffer.getvalue())
 
@@ -58,7 +59,8 @@ def write_plot(report: dict, path: Path) -> None:
     best = report["best"]
     axes.plot([best["fid"]], [best["prompt_accuracy"]], "*", color="tab:red", markersize=16,
               label=f"best trade-off (w={best['guidance']:g})")
-    axes.axvline(report["fid_floor"], color="gray", linestyle="--", label=f"real-vs-real floor ({report['fid_floor']:.3g})")
+    axes.axvline(report["fid_floor"], color="gray", linestyle="--",
+                 label=f"real-vs-real floor ({report['fid_floor']:.3g})")
     axes.set_xlabel("classifier-FID against the MNIST test split (lower is better)")
     axes.set_ylabel("prompt accuracy")
     axes.set_title(f"{report['mode']} at {report['resolution']}px, {report['num_images']} images, "
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     stages = [load_stage(path, device, args.weights) for path in args.checkpoints]
     resolved = {name: per_stage(values, len(stages), f"--{name}") for name, values in settings.items()}
-    evaluated = stages[0] if args.mode != "sr" else stages[-1 if args.stage is None else min(args.stage, len(stages) - 1)]
+    sr_index = -1 if args.stage is None else min(args.stage, len(stages) - 1)
+    evaluated = stages[0] if args.mode != "sr" else stages[sr_index]
     data_root = args.data_root or evaluated.config.data.root
     log = sys.stderr if args.json else sys.stdout
     classifier, info = load_or_train_classifier(data_root, device=device)

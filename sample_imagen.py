@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from imagen.cli import add_debug_argument, per_stage_values, run_script
-from imagen.errors import ImagenError
 from imagen.diffusion import THRESHOLD_MODES
+from imagen.errors import ImagenError
 from imagen.samplers import SAMPLERS
 
 
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--thresholding", help=f"{' | '.join(THRESHOLD_MODES)}, or one per stage")
     parser.add_argument("--sample-aug-level", type=float, help="noise level of the super-resolution inputs, in [0, 1]")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: each stage's sampling.batch_size)")
+    parser.add_argument("--batch-size", type=int,
+                        help="images per forward pass (default: each stage's sampling.batch_size)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     parser.add_argument("--output-dir", required=True, help="where the images and metadata.json go")
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     for index, stage in enumerate(cascade.stages):
         steps = resolved["steps"][index]
         if steps is not None and steps > stage.config.diffusion.timesteps:
-            raise ImagenError(f"--steps {args.steps}: stage {index} has only {stage.config.diffusion.timesteps} timesteps.")
+            raise ImagenError(
+                f"--steps {args.steps}: stage {index} has only {stage.config.diffusion.timesteps} timesteps.")
     all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
     result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
                             batch_size=args.batch_size, progress=True)
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                 "checkpoint": str(stage.checkpoint),
                 "step": stage.step,
                 "image_size": stage.config.unet.image_size,
-                "guidance": resolved["guidance"][i] if resolved["guidance"][i] is not None else stage.config.sampling.guidance,
+                "guidance": (resolved["guidance"][i] if resolved["guidance"][i] is not None
+                             else stage.config.sampling.guidance),
                 "steps": resolved["steps"][i] or stage.config.sampling.steps,
                 "sampler": resolved["sampler"][i] or stage.config.sampling.sampler,
                 "thresholding": resolved["thresholding"][i] or stage.config.thresholding.mode,

@@ -14,8 +14,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
 
 import torch
 

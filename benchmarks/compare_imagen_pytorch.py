@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import torch
 
 from imagen.cli import add_debug_argument, load_config_from_args, run_script
@@ -41,7 +40,8 @@ def import_imagen_pytorch(text_dim: int):
     import transformers
 
     lookup = transformers.T5Config.from_pretrained
-    transformers.T5Config.from_pretrained = classmethod(lambda cls, *args, **kwargs: transformers.T5Config(d_model=text_dim))
+    transformers.T5Config.from_pretrained = classmethod(
+        lambda cls, *args, **kwargs: transformers.T5Config(d_model=text_dim))
     try:
         import imagen_pytorch
     except ImportError:

@@ -21,11 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 from imagen.cli import add_debug_argument, run_script
 from imagen.errors import ImagenError
 from imagen.samplers import SAMPLERS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_setting(text: str) -> tuple[str, int]:

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from imagen.checkpoint import CheckpointError, STATE_FILE, latest_checkpoint, load_state, load_weights_strictly
+from imagen.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, load_state, load_weights_strictly
 from imagen.config import StageConfig, check_stage_order, load_stage_config
 from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
-from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.io import resolve_device, seeded_generator
+from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.text import EncodedText, TextEmbeddingCache
 
 T = TypeVar("T")
@@ -52,7 +52,8 @@ def load_stage(path: str | Path, device: torch.device, weights: str = "ema") -> 
     checkpoint = path if (path / STATE_FILE).is_file() else latest_checkpoint(path)
     if checkpoint is None:
         raise CheckpointError(
-            f"{path} holds no complete checkpoint (expected checkpoints/step_N/ with {STATE_FILE}, written by training)."
+            f"{path} holds no complete checkpoint (expected checkpoints/step_N/ with {STATE_FILE}, written by "
+            "training)."
         )
     config = load_stage_config(checkpoint / "config.yaml")
     state = load_state(checkpoint)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from imagen.errors import ImagenError
-from imagen.io import to_host
+from imagen.io import to_host, umask_mode
 
 CHECKPOINTS = "checkpoints"
 _STEP_FOLDER = re.compile(r"^step_(\d{8})$")
@@ -61,6 +61,7 @@ def save_checkpoint(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], s
         shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        os.chmod(staging, umask_mode(0o777))
         for name, named_tensors in tensors.items():
             contiguous = {key: to_host(value).contiguous() for key, value in named_tensors.items()}
             save_file(contiguous, str(staging / f"{name}.safetensors"))

@@ -72,7 +72,8 @@ def classifier_input(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def classify(classifier: DigitClassifier, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(classifier: DigitClassifier, images: torch.Tensor,
+             batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted digits (N,) and penultimate features (N, 128, float64) of images in [-1, 1]."""
     classifier.eval()
     device = next(classifier.parameters()).device
@@ -97,7 +98,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
     low = int(torch.randint(12, 25, (1,), generator=generator))
-    degraded = F.interpolate(images[: count // 2], size=(low, low), mode="bilinear", antialias=True, align_corners=False)
+    degraded = F.interpolate(images[: count // 2], size=(low, low), mode="bilinear", antialias=True,
+                             align_corners=False)
     degraded = F.interpolate(degraded, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([degraded, images[count // 2:]]).clamp(-1.0, 1.0)
 
@@ -128,7 +130,8 @@ class ClassifierInfo:
 
 
 def train_classifier(data_root: str | Path, steps: int = 400, batch_size: int = 128, seed: int = 0,
-                     device: str | torch.device = "cpu", progress: bool = True) -> tuple[DigitClassifier, ClassifierInfo]:
+                     device: str | torch.device = "cpu",
+                     progress: bool = True) -> tuple[DigitClassifier, ClassifierInfo]:
     """Train the CNN on MNIST's training split and measure it on the test split."""
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -188,7 +191,8 @@ def load_classifier(stem: Path, device: str | torch.device = "cpu") -> tuple[Dig
         info = ClassifierInfo(**json.loads(stem.with_suffix(".json").read_text(encoding="utf-8")))
         data = weights.read_bytes()
     except (OSError, ValueError, TypeError) as exc:
-        raise EvaluationError(f"the cached classifier {stem} cannot be read ({exc}); delete its files to retrain it.") from None
+        raise EvaluationError(
+            f"the cached classifier {stem} cannot be read ({exc}); delete its files to retrain it.") from None
     if hashlib.sha256(data).hexdigest() != info.sha256:
         raise EvaluationError(f"the cached classifier {weights} does not match the hash recorded in "
                               f"{stem.with_suffix('.json').name}; delete both files to retrain it.")
@@ -198,7 +202,8 @@ def load_classifier(stem: Path, device: str | torch.device = "cpu") -> tuple[Dig
 
 
 def load_or_train_classifier(data_root: str | Path, device: str | torch.device = "cpu", seed: int = 0,
-                             folder: str | Path | None = None, progress: bool = True) -> tuple[DigitClassifier, ClassifierInfo]:
+                             folder: str | Path | None = None,
+                             progress: bool = True) -> tuple[DigitClassifier, ClassifierInfo]:
     """The cached classifier for this training split (trained and cached on first use), checked
     against the accuracy gate."""
     folder = Path(folder) if folder is not None else cache_root() / "classifier"

@@ -24,7 +24,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-dir", help="run folder (default: training.output_dir from the config)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
-    parser.add_argument("--overwrite", action="store_true", help="delete the run already in the run folder and start anew")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in the run folder and start anew")
     add_debug_argument(parser)
 
 

@@ -89,7 +89,8 @@ class Conditioning(nn.Module):
         """Check every input's shape and return, for the network's layers,
         (input image (B, input_channels, H, W), emb (B, emb_dim), text (B, L, text_width), text_mask (B, L))."""
         batch, size, channels = x.shape[0], self.image_size, self.channels
-        assert x.shape[1:] == (channels, size, size), f"expected x (B, {channels}, {size}, {size}), got {tuple(x.shape)}"
+        assert x.shape[1:] == (channels, size, size), (
+            f"expected x (B, {channels}, {size}, {size}), got {tuple(x.shape)}")
         assert t.shape == (batch,), f"timesteps must be (B,), got {tuple(t.shape)}"
         check_text(text, text_mask, batch, self.text_dim)
         text, text_mask = self.substitute_null(text, text_mask, drop_text)
@@ -110,7 +111,8 @@ class Conditioning(nn.Module):
             f"expected low_res (B, {channels}, {low}, {low}), got {None if low_res is None else tuple(low_res.shape)}"
         )
         assert aug_level is not None and aug_level.shape == (batch,), (
-            f"a super-resolution network needs aug_level (B,), got {None if aug_level is None else tuple(aug_level.shape)}"
+            "a super-resolution network needs aug_level (B,), got "
+            f"{None if aug_level is None else tuple(aug_level.shape)}"
         )
         # The level is a fraction of the diffusion; embed it on the timestep scale.
         emb = emb + self.aug_embed(aug_level * (self.timesteps - 1))

@@ -608,7 +608,8 @@ def parse_yaml(text: str, source: str) -> Any:
 def _read_yaml_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found (expected a YAML file{' — it is a folder' if path.is_dir() else ''}).")
+        folder = " — it is a folder" if path.is_dir() else ""
+        raise ConfigError(f"{path}: config file not found (expected a YAML file{folder}).")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -149,7 +149,8 @@ class CaptionFolderDataset(Dataset):
         self.image_paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.image_paths:
             raise DataError(
-                f"data.root {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) for data.dataset: caption_folder."
+                f"data.root {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) for "
+                "data.dataset: caption_folder."
             )
         uncaptioned = [p for p in self.image_paths if not p.with_suffix(".txt").is_file()]
         if uncaptioned:

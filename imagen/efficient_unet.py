@@ -59,7 +59,8 @@ class EfficientUNet(nn.Module):
         self.up_blocks = nn.ModuleList()
         for level in reversed(range(len(mults))):
             out_channels = base * mults[level]
-            layers = level_layers(channels + skip_channels.pop(), out_channels, config.num_res_blocks[level], resolution)
+            layers = level_layers(channels + skip_channels.pop(), out_channels, config.num_res_blocks[level],
+                                  resolution)
             channels = out_channels
             if level > 0 or config.downsample_first_level:  # upsample last: the convolutions ran at the lower one
                 layers.append(Upsample(channels))

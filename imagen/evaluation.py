@@ -21,9 +21,9 @@ from typing import Sequence
 
 import torch
 
+from imagen.captions import DIGIT_WORDS
 from imagen.cascade import Cascade, Stage
 from imagen.classifier import ClassifierInfo, DigitClassifier, EvaluationError, classify
-from imagen.captions import DIGIT_WORDS
 from imagen.data import load_mnist, to_model_images
 
 EVALUATION_MODES = ("base", "sr", "cascade")
@@ -139,10 +139,11 @@ def classify_at(classifier: DigitClassifier, digits: torch.Tensor, size: int, ch
 class Evaluator:
     """Generates the evaluation images of one mode at a guidance weight and scores them.
 
-    ``stages`` are loaded stages, base first. Modes: ``base`` samples the first stage alone; ``sr`` feeds real test digits, shrunk to its
-    input size, to super-resolution stage ``stage`` (default: the last one given); ``cascade``
-    samples every stage. The swept guidance weight applies to the evaluated stage (the base
-    stage in cascade mode); other stages keep ``guidance`` (one value per stage, None: config).
+    ``stages`` are loaded stages, base first. Modes: ``base`` samples the first stage alone;
+    ``sr`` feeds real test digits, shrunk to its input size, to super-resolution stage
+    ``stage`` (default: the last one given); ``cascade`` samples every stage. The swept
+    guidance weight applies to the evaluated stage (the base stage in cascade mode); other
+    stages keep ``guidance`` (one value per stage, None: config).
     """
 
     def __init__(self, stages: Sequence[Stage], mode: str, classifier: DigitClassifier, info: ClassifierInfo,

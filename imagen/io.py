@@ -62,17 +62,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("IMAGEN_CACHE_DIR", Path.home() / ".cache" / "imagen-mnist"))
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` (e.g. 0o666 for files, 0o777 for folders) as the process's umask leaves it:
+    the permissions an ordinary ``open`` or ``mkdir`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
     The bytes go to a temporary file in the same folder (same filesystem, so the final
-    ``os.replace`` is atomic), are flushed to disk, and only then replace ``path``.
+    ``os.replace`` is atomic), are flushed to disk, and only then replace ``path``. The
+    file gets the permissions the umask gives new files (mkstemp alone would make it 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp_name, umask_mode(0o666))
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(payload)
             tmp.flush()

@@ -26,7 +26,6 @@ from imagen.super_resolution import downsample, draw_aug_levels, noise_augment
 from imagen.text import EncodedText
 from imagen.unet import UNet
 
-
 NETWORKS = {"unet": UNet, "efficient_unet": EfficientUNet}
 
 

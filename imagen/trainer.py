@@ -303,14 +303,16 @@ class Trainer:
             self.accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
         load_weights_strictly(self.accelerator.unwrap_model(self.network), folder / "model.safetensors")
         load_weights_strictly(self.ema.network, folder / "ema.safetensors")
-        self.optimizer.load_state_dict(unflatten_state(load_tensors(folder / "optimizer.safetensors"), state["optimizer"]))
+        optimizer_tensors = load_tensors(folder / "optimizer.safetensors")
+        self.optimizer.load_state_dict(unflatten_state(optimizer_tensors, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         rng = load_tensors(folder / "rng.safetensors")
         torch.set_rng_state(rng["torch"])
         self.data_generator.set_state(rng["data"])
         self.noise_generator.set_state(rng["noise"])
         if torch.cuda.is_available() and "cuda0" in rng:
-            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+            states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
+            torch.cuda.set_rng_state_all(states)
         self.step = state["step"]
 
     # ------------------------------------------------------------------ sampling

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-
 from imagen.config import load_stage_config
 from imagen.trainer import Trainer
 

@@ -1,12 +1,14 @@
 """The benchmark scripts run and report what they promise."""
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
+from conftest import REPO_ROOT, python
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import python
 from imagen.config import load_stage_config
 from imagen.stage import build_network
 
@@ -86,3 +88,34 @@ def test_sampler_parity_compares_fast_settings_with_the_reference_and_resumes(tr
     assert {path: path.stat().st_mtime_ns for path in tmp_path.glob("*/report.json")} == stamps
     bad = python(*args[:-2], "--fast", "euler:10", "--output-dir", str(tmp_path))
     assert bad.returncode == 2 and "SAMPLER:STEPS" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier, mnist_root, tmp_path):
+    """benchmarks/gpu_cascade.sh at tiny sizes on the CPU: both stages trained under a time budget,
+    the cascade sampled and evaluated, and the report and grids written."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "benchmarks/gpu_cascade.sh", str(out), str(mnist_root)], cwd=REPO_ROOT,
+                            env={**os.environ, "SMOKE": "1", "RUNS": str(tmp_path / "runs")},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"report.json", "log.txt", "base_grid.png", "sr_grid.png",
+                                                "cascade_samples.png"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["text_encoder"] == "tiny"  # no T5 in the (offline) Hugging Face cache here
+    for name, size in (("base", 16), ("sr", 32)):
+        stage = report["stages"][name]
+        assert stage["steps"] == 2 and stage["config"]["image_size"] == size and stage["config"]["max_minutes"] == 3.25
+        assert stage["images_per_s"] > 0 and stage["flops_per_image"] > 0 and stage["peak_memory_mb"] > 0
+        assert stage["achieved_tflops"] == pytest.approx(stage["flops_per_image"] * stage["images_per_s"] / 1e12)
+        assert stage["mfu"] is None and stage["wall_seconds"] > 0  # a CPU has no peak in the table
+    evaluation = report["evaluation"]
+    assert evaluation["num_images"] == 20 and evaluation["resolution"] == 32 and evaluation["seed"] == 0
+    assert 0 <= evaluation["prompt_accuracy"] <= 1 and evaluation["fid"] > evaluation["fid_floor"] > 0
+    assert report["goals"]["prompt_accuracy_met"] == (evaluation["prompt_accuracy"] >= 0.95)
+    assert report["goals"]["base_mfu_met"] is False
+    assert "cascade at 32 px, 20 images" in result.stdout
+
+    again = subprocess.run(["bash", "benchmarks/gpu_cascade.sh", str(out)], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 2 and "already holds a report.json" in again.stderr

@@ -6,13 +6,13 @@ import shutil
 import pytest
 import torch
 import yaml
+from conftest import python
 from PIL import Image
 
 from imagen.cascade import Cascade
 from imagen.checkpoint import latest_checkpoint
 from imagen.errors import ImagenError
 
-from conftest import python
 
 def sample_cli(trained, *args):
     return python("sample_imagen.py", "--checkpoint", str(trained / "base"), "--checkpoint", str(trained / "sr"), *args)

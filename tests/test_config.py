@@ -96,6 +96,12 @@ INVALID = [
     ({"training": {"batch_size": 0}}, [], ["'training.batch_size'", "a positive integer", "got 0"]),
     ({"training": {"adam_betas": [0.9]}}, [], ["'training.adam_betas'", "two numbers"]),
     ({"training": {"ema_decay": 1.0}}, [], ["'training.ema_decay'", "[0, 1)"]),
+    ({"training": {"max_minutes": 0}}, [], ["'training.max_minutes'", "positive, finite number of minutes"]),
+    ({"training": {"max_minutes": float("inf")}}, [], ["'training.max_minutes'", "finite"]),
+    ({"training": {"max_minutes": float("nan")}}, [], ["'training.max_minutes'", "finite"]),
+    ({"unet": {"type": "efficient_unet", "image_size": 8, "downsample_first_level": True}}, [],
+     ["'unet.channel_mults'", "halve it 4 times", "divisible by 16"]),
+    ({"sampling": {"mixed_precision": "bfloat16"}}, [], ["'sampling.mixed_precision'", "'bf16'"]),
     ({"unet": {"type": "efficent_unet"}}, [], ["'unet.type'", "did you mean 'efficient_unet'"]),
     ({"unet": {"image_size": 60}}, [], ["'unet.channel_mults'", "divisible by 8"]),
     ({"unet": {"attention_resolutions": [32, 12]}}, [], ["'unet.attention_resolutions'", "[64, 32, 16, 8]", "[12]"]),
@@ -103,7 +109,8 @@ INVALID = [
     ({"unet": {"text_projection_dim": 0}}, [], ["'unet.text_projection_dim'", "positive integer or null"]),
     ({"unet": {"dropout": 1.5}}, [], ["'unet.dropout'", "[0, 1)"]),
     ({"unet": {"type": "unet", "self_attention": False}}, [], ["unknown key 'unet.self_attention'", "type 'unet'"]),
-    ({"unet": {"type": "efficient_unet", "num_res_blocks": [2, 4]}}, [], ["'unet.num_res_blocks'", "one positive count per level"]),
+    ({"unet": {"type": "efficient_unet", "num_res_blocks": [2, 4]}}, [],
+     ["'unet.num_res_blocks'", "one positive count per level"]),
     ({"guidance": {"cond_drop_prob": 1.5}}, [], ["'guidance.cond_drop_prob'", "probability in [0, 1]", "1.5"]),
     ({"guidance": {"null_embedding": "zero"}}, [], ["'guidance.null_embedding'", "did you mean 'zeros'"]),
     ({"diffusion": {"schedule": "cosin"}}, [], ["'diffusion.schedule'", "did you mean 'cosine'"]),
@@ -116,7 +123,8 @@ INVALID = [
     ({"sampling": {"guidance": -1}}, [], ["'sampling.guidance'", ">= 0"]),
     ({"super_resolution": {}}, [], ["missing required key 'super_resolution.low_res_size'"]),
     ({"super_resolution": {"low_res_size": 64}}, [], ["'super_resolution.low_res_size'", "below unet.image_size (64)"]),
-    ({"super_resolution": {"low_res_size": 16, "train_aug_range": [0.5, 0.2]}}, [], ["'super_resolution.train_aug_range'"]),
+    ({"super_resolution": {"low_res_size": 16, "train_aug_range": [0.5, 0.2]}}, [],
+     ["'super_resolution.train_aug_range'"]),
     ({"super_resolution": {"low_res_size": 16, "sample_aug_level": 2}}, [], ["'super_resolution.sample_aug_level'"]),
     ({"text_encoder": {"max_length": 1}}, [], ["'text_encoder.max_length'", ">= 2"]),
     ({"text_encoder": {"device": "gpu"}}, [], ["'text_encoder.device'", "'cuda:N'"]),
@@ -213,7 +221,8 @@ def test_empty_file_gives_the_defaults(tmp_path):
 def test_cascade_rejects_mismatched_resolutions(tmp_path):
     write_yaml(tmp_path, "base.yaml", {"unet": {"image_size": 16, "channel_mults": [1, 2],
                                                  "attention_resolutions": [8], "cross_attention_resolutions": [8]}})
-    write_yaml(tmp_path, "sr.yaml", {"unet": {"type": "efficient_unet", "image_size": 64}, "super_resolution": {"low_res_size": 32}})
+    write_yaml(tmp_path, "sr.yaml", {"unet": {"type": "efficient_unet", "image_size": 64},
+                                     "super_resolution": {"low_res_size": 32}})
     write_yaml(tmp_path, "cascade.yaml", {"stages": ["base.yaml", "sr.yaml"]})
     with pytest.raises(ConfigError) as error:
         load_cascade_config(tmp_path / "cascade.yaml")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imagen.config import DataConfig
 from imagen.captions import DIGIT_WORDS, digit_prompts
+from imagen.config import DataConfig
 from imagen.data import CaptionFolderDataset, DataError, MNISTTextDataset, build_dataset, to_model_images
 
 

@@ -5,14 +5,28 @@ import json
 
 import pytest
 import torch
-
 from conftest import python
+
 from imagen.cascade import Cascade, load_stage
-from imagen.classifier import (ClassifierInfo, EvaluationError, check_accuracy, classify, load_or_train_classifier,
-                               save_classifier, DigitClassifier)
+from imagen.classifier import (
+    ClassifierInfo,
+    DigitClassifier,
+    EvaluationError,
+    check_accuracy,
+    classify,
+    load_or_train_classifier,
+    save_classifier,
+)
 from imagen.data import MNISTTextDataset, to_model_images
-from imagen.evaluation import (balanced_indices, best_tradeoff, class_balance, evaluation_prompts, frechet_distance,
-                               prompt_accuracy, real_reference)
+from imagen.evaluation import (
+    balanced_indices,
+    best_tradeoff,
+    class_balance,
+    evaluation_prompts,
+    frechet_distance,
+    prompt_accuracy,
+    real_reference,
+)
 from imagen.stage import sample_stage
 
 
@@ -79,7 +93,8 @@ def test_evaluation_prompts_are_balanced_and_the_count_is_checked():
 
 
 def test_best_tradeoff_prefers_lower_fid_among_near_best_accuracy():
-    results = [{"guidance": 1, "prompt_accuracy": 0.80, "fid": 1.0}, {"guidance": 3, "prompt_accuracy": 0.965, "fid": 2.0},
+    results = [{"guidance": 1, "prompt_accuracy": 0.80, "fid": 1.0},
+               {"guidance": 3, "prompt_accuracy": 0.965, "fid": 2.0},
                {"guidance": 7, "prompt_accuracy": 0.97, "fid": 4.0}]
     assert best_tradeoff(results)["guidance"] == 3
     assert best_tradeoff(results, tolerance=0.001)["guidance"] == 7

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT, python
 
 import sample_imagen
 import train_base_mnist
@@ -22,8 +23,6 @@ from imagen.cli import run_script
 from imagen.config import TextEncoderConfig, stage_config_from_dict
 from imagen.text import TextEmbeddingCache
 from imagen.trainer import Trainer
-
-from conftest import REPO_ROOT, python
 
 QUICK = ["--set", "training.batch_size=4", "--set", "sampling.steps=2", "--set", "training.sample_guidance=[1]"]
 
@@ -83,7 +82,8 @@ def table(root: Path, trained: Path, mnist: Path):
         (T, ["--config", cpu_base, "--set", "data.dataset=caption_folder", "--set", f"data.root={root / 'nope'}",
              *train_out], "is not a folder"),
         (T, ["--config", cpu_sr], "train it with train_sr_mnist.py"),
-        (T, ["--config", cpu_base, *data, "--resume", "--output-dir", str(root / "empty_dir")], "no complete checkpoint"),
+        (T, ["--config", cpu_base, *data, "--resume", "--output-dir", str(root / "empty_dir")],
+         "no complete checkpoint"),
         (T, ["--config", cpu_base, *data, "--output-dir", base], "already holds a run"),
         (T, ["--config", cpu_base, *data, "--output-dir", base, "--resume", "--overwrite"], "contradict"),
         (S, ["--config", cpu_base], "train it with train_base_mnist.py"),
@@ -240,7 +240,8 @@ def test_overwrite_replaces_a_run_only_when_asked(mnist_root, tmp_path):
 
 
 def test_odd_prompts_never_crash_and_make_safe_file_names(trained, tmp_path):
-    prompts = ["", "   ", "seven " * 40, "zéro ünïcode ✓ 七", "bell\x07 nul\x00 tab\t newline\n end", "../../etc/passwd",
+    prompts = ["", "   ", "seven " * 40, "zéro ünïcode ✓ 七", "bell\x07 nul\x00 tab\t newline\n end",
+               "../../etc/passwd",
                "a" * 300]
     result = python("sample_imagen.py", "--checkpoint", str(trained / "base"), "--checkpoint", str(trained / "sr"),
                     "--prompts", *[p.replace("\x00", "") for p in prompts], "--steps", "2",
@@ -251,5 +252,6 @@ def test_odd_prompts_never_crash_and_make_safe_file_names(trained, tmp_path):
     for name in names:
         assert all(c.isalnum() or c in "_-." for c in name) and len(name) < 60, name
     # Training-side: the embedding cache takes the same prompts (NUL included).
-    encoded = TextEmbeddingCache.from_config(TextEncoderConfig(name="tiny", max_length=16, device="cpu")).encode(prompts)
+    cache = TextEmbeddingCache.from_config(TextEncoderConfig(name="tiny", max_length=16, device="cpu"))
+    encoded = cache.encode(prompts)
     assert encoded.mask.sum(1).min() >= 1 and torch.isfinite(encoded.embeddings).all()

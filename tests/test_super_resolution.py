@@ -82,6 +82,32 @@ def test_efficient_unet_puts_more_blocks_at_low_resolution_and_resamples_outside
     assert all(module.direction is None for module, _ in blocks)
 
 
+def test_with_downsample_first_level_every_level_halves_the_resolution_as_in_appendix_f():
+    config = sr_config({"downsample_first_level": True})
+    assert config.unet.level_resolutions() == [16, 8, 4]
+    network = build_network(config, TEXT_DIM)
+    blocks = record(network, sr_inputs(), ResBlock)
+    assert [resolution for _, resolution in blocks] == [16, 8, 8, 4, 4, 4] + [4, 4, 4, 8, 8, 16]
+    calls = record(network, sr_inputs(), AttentionBlock)
+    assert {resolution for _, resolution in calls} == {4}  # attention at image/8 with 3 levels
+    with torch.no_grad():
+        assert call(network, sr_inputs()).shape == (2, 1, 32, 32)
+    # Two more resampling convolutions than the full-resolution first level, nothing else.
+    plain = build_network(sr_config(), TEXT_DIM)
+    extra = sum(p.numel() for p in network.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 2 * (16 * 16 * 9 + 16)
+
+
+@pytest.mark.parametrize("key", ["attention_resolutions", "cross_attention_resolutions"])
+def test_an_empty_attention_list_switches_that_attention_off(key):
+    config = sr_config({key: []})
+    calls = record(build_network(config, TEXT_DIM), sr_inputs(), AttentionBlock)
+    if key == "attention_resolutions":
+        assert calls and all(not block.self_attention and block.text_dim == TEXT_DIM for block, _ in calls)
+    else:
+        assert calls and all(block.self_attention and block.text_dim is None for block, _ in calls)
+
+
 def test_efficient_unet_attends_only_at_the_lowest_resolution_by_default():
     calls = record(build_network(sr_config(), TEXT_DIM), sr_inputs(), AttentionBlock)
     assert {resolution for _, resolution in calls} == {8}

@@ -1,9 +1,11 @@
 """The trainer: learning, EMA, learning-rate schedule, checkpoints, resume, the base script."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,7 +123,8 @@ def test_checkpoint_reload_gives_bit_identical_outputs(mnist_root, tmp_path):
         before.eval(), after.eval()
         with torch.no_grad():
             assert torch.equal(before(x, t, **kwargs), after(x, t, **kwargs))
-    assert resumed.optimizer.state_dict()["state"][0]["exp_avg"].equal(trainer.optimizer.state_dict()["state"][0]["exp_avg"])
+    before, after = trainer.optimizer.state_dict()["state"][0], resumed.optimizer.state_dict()["state"][0]
+    assert after["exp_avg"].equal(before["exp_avg"])
     assert resumed.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
 
 
@@ -148,7 +151,8 @@ def test_train_base_script_end_to_end(mnist_root, tmp_path):
     run_dir = tmp_path / "base"
     common = ["--config", "configs/mnist_cpu/base.yaml", "--output-dir", str(run_dir),
               "--set", f"data.root={mnist_root}", "--set", "training.batch_size=8",
-              "--set", "training.log_every=1", "--set", "training.checkpoint_every=3", "--set", "training.sample_every=3",
+              "--set", "training.log_every=1", "--set", "training.checkpoint_every=3",
+              "--set", "training.sample_every=3",
               "--set", "sampling.steps=3", "--set", "training.sample_guidance=[1, 3]"]
     result = run_script(*common, "--set", "training.max_steps=3")
     assert result.returncode == 0, result.stderr
@@ -187,7 +191,8 @@ def test_two_processes_on_cpu_train_in_lockstep(mnist_root, tmp_path):
     identical weights that differ from the initial ones."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
          "tests/distributed_worker.py", "configs/mnist_cpu/base.yaml", str(tmp_path / "run"), str(mnist_root),
          str(tmp_path)],
@@ -202,3 +207,55 @@ def test_two_processes_on_cpu_train_in_lockstep(mnist_root, tmp_path):
     saved = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert all(torch.equal(saved[name], ranks[0][f"model.{name}"]) for name in saved)
     assert any(not torch.equal(saved[name], ranks[0][f"initial.{name}"]) for name in saved)
+
+
+def test_a_time_budget_ends_training_with_a_checkpoint_and_a_grid_and_resume_goes_on(mnist_root, tmp_path):
+    run_dir = tmp_path / "base"
+    common = ["--config", "configs/mnist_cpu/base.yaml", "--output-dir", str(run_dir),
+              "--set", f"data.root={mnist_root}", "--set", "training.batch_size=4", "--set", "training.max_steps=4",
+              "--set", "training.checkpoint_every=100", "--set", "training.sample_every=100",
+              "--set", "sampling.steps=2", "--set", "training.sample_guidance=[1]"]
+    # 6 ms: the setup alone takes longer, so the budget is spent after the first step.
+    result = run_script(*common, "--set", "training.max_minutes=0.0001")
+    assert result.returncode == 0, result.stderr
+    assert "training.max_minutes=0.0001 reached after step 1" in result.stdout
+    assert latest_checkpoint(run_dir).name == "step_00000001"
+    assert (run_dir / "samples" / "step_00000001.png").is_file()
+
+    resumed = run_script(*common, "--resume", "--set", "training.max_minutes=null")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming with changed settings: training.max_minutes" in resumed.stdout
+    assert latest_checkpoint(run_dir).name == "step_00000004"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 4]  # a log line at the budget stop and at the end (log_every is 50)
+
+
+def test_the_budget_counts_from_the_start_and_every_finished_step_counts(mnist_root, tmp_path):
+    config = small_config(mnist_root, max_steps=100_000, checkpoint_every=100_000, max_minutes=10.0)
+    trainer = Trainer.from_config(config, tmp_path / "run")
+    assert not trainer.out_of_time()
+    trainer.deadline = time.monotonic() + 2.0  # as if two seconds of the budget were left
+    start = time.monotonic()
+    trainer.train()
+    assert 1 <= trainer.step < 100_000 and time.monotonic() - start < 60
+    assert latest_checkpoint(tmp_path / "run").name == f"step_{trainer.step:08d}"
+    assert (tmp_path / "run" / "samples" / f"step_{trainer.step:08d}.png").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_training_computes_the_same_loss(mnist_root, tmp_path):
+    """training.compile and training.channels_last change how the step runs, not what it computes:
+    the same first batch gives the same loss, and training goes on (torch.compile takes about a
+    minute on a 2-core CPU)."""
+    losses = {}
+    for name, fast in (("eager", False), ("compiled", True)):
+        config = small_config(mnist_root, max_steps=2, compile=fast, channels_last=fast)
+        trainer = Trainer.from_config(config, tmp_path / name)
+        trainer.train()
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["loss"] for line in lines]
+        if fast:
+            assert trainer.forward is not trainer.network
+            assert trainer.ema.network.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert losses["compiled"][0] == pytest.approx(losses["eager"][0], rel=1e-4)
+    assert all(math.isfinite(loss) for loss in losses["compiled"])

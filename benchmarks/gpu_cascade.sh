@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The mission on one GPU, in at most 9 minutes: train the configs/mnist cascade (64x64 base,
+# 64->256 Efficient U-Net) for a fixed time per stage, sample 200 cascade images at 256 px and
+# evaluate them (prompt accuracy, classifier-FID against its real-vs-real floor).
+#
+#   bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]
+#   SMOKE=1 bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]   # tiny sizes, 2 steps, any device
+#
+# OUT receives report.json (per stage: steps, images/s, peak memory, model FLOPs per image,
+# TFLOP/s and MFU; the evaluation; the goals; the wall time of every phase), base_grid.png and
+# sr_grid.png (the last training grids), cascade_samples.png (40 of the evaluated images) and
+# log.txt. The runs themselves (checkpoints: gigabytes at 256 px) go to $RUNS, default OUT/runs.
+# Settings: BASE_MINUTES and SR_MINUTES (3.25 each: each stage's budget counts its setup),
+# NUM_IMAGES (200), COMPILE (false: torch.compile of the training forward), and SMOKE. The text
+# encoder is google/t5-v1_1-small when the local Hugging Face cache holds it, else the offline
+# tiny T5; report.json says which. Nothing is downloaded (HF_HUB_OFFLINE=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 1 ]; then echo "usage: bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]" >&2; exit 2; fi
+OUT="$1"
+DATA="${2:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+RUNS="${RUNS:-$OUT/runs}"
+BASE_MINUTES="${BASE_MINUTES:-3.25}"
+SR_MINUTES="${SR_MINUTES:-3.25}"
+NUM_IMAGES="${NUM_IMAGES:-200}"
+COMPILE="${COMPILE:-false}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if [ -e "$OUT/report.json" ]; then echo "error: $OUT already holds a report.json; choose another OUT." >&2; exit 2; fi
+mkdir -p "$OUT" "$RUNS"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+base=(--set "training.max_minutes=$BASE_MINUTES")
+sr=(--set "training.max_minutes=$SR_MINUTES")
+evaluation=()
+if [ -n "${SMOKE:-}" ]; then  # the same commands at sizes a CPU runs in a minute
+  tiny=(--set training.batch_size=4 --set training.max_steps=2 --set training.log_every=1 --set sampling.steps=2
+        --set "training.sample_guidance=[1]" --set training.mixed_precision=auto --set sampling.mixed_precision=auto
+        --set text_encoder.max_length=8 --set text_encoder.dtype=float32 --set unet.base_channels=16
+        --set "unet.channel_mults=[1, 2]" --set unet.num_head_channels=16 --set unet.dropout=0.0)
+  base+=("${tiny[@]}" --set unet.image_size=16 --set unet.num_res_blocks=1 --set "unet.attention_resolutions=[8]"
+         --set "unet.cross_attention_resolutions=[8]")
+  sr+=("${tiny[@]}" --set unet.image_size=32 --set super_resolution.low_res_size=16 --set "unet.num_res_blocks=[1, 1]"
+       --set unet.attention_resolutions=null --set unet.cross_attention_resolutions=null)
+  evaluation=(--steps 2 --batch-size 10)
+  NUM_IMAGES=20
+fi
+
+seconds_since() { awk -v start="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - start }'; }
+
+phase() {  # phase <name> <command...>: run it and record its wall time
+  local name=$1 start
+  shift
+  start=$(date +%s.%N)
+  "$@"
+  echo "$name $(seconds_since "$start")" >> "$RUNS/timings.txt"
+}
+
+start=$(date +%s.%N)
+ENCODER=$(python benchmarks/cascade_report.py encoder)
+echo "text encoder: $ENCODER"
+phase base python train_base_mnist.py --config configs/mnist/base.yaml --output-dir "$RUNS/base" \
+  --set "data.root=$DATA" --set "text_encoder.name=$ENCODER" --set "training.compile=$COMPILE" "${base[@]}"
+phase sr python train_sr_mnist.py --config configs/mnist/sr_256.yaml --output-dir "$RUNS/sr" \
+  --set "data.root=$DATA" --set "text_encoder.name=$ENCODER" --set "training.compile=$COMPILE" "${sr[@]}"
+phase evaluation python evaluate_imagen.py --mode cascade --checkpoints "$RUNS/base" "$RUNS/sr" --data-root "$DATA" \
+  --num-images "$NUM_IMAGES" --seed 0 --no-unconditional --output-dir "$RUNS/evaluation" "${evaluation[@]}"
+python benchmarks/cascade_report.py report --runs "$RUNS" --output-dir "$OUT" --encoder "$ENCODER" \
+  --wall-seconds "$(seconds_since "$start")"
