@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from imagen.cli import add_debug_argument, per_stage_values, run_script
+from imagen.cli import add_debug_argument, add_stage_sources, per_stage_values, run_script, stage_folders
 from imagen.errors import ImagenError
 from imagen.io import atomic_write
 from imagen.samplers import SAMPLERS
@@ -77,8 +77,7 @@ def write_plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="cascade", choices=["base", "sr", "cascade"])
-    parser.add_argument("--checkpoints", nargs="+", required=True,
-                        help="run folders or checkpoints/step_N folders, base first")
+    add_stage_sources(parser, "--checkpoints", nargs="+", help="run folders or checkpoints/step_N folders, base first")
     parser.add_argument("--stage", type=int, help="sr mode: the index of the stage to evaluate (default: the last)")
     parser.add_argument("--data-root", help="the MNIST folder (default: the evaluated stage's data.root)")
     parser.add_argument("--num-images", type=int, default=1000, help="a multiple of 20 (default 1000)")
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
     evaluation_prompts(args.num_images)  # validates the count before anything is loaded
     device = resolve_device(args.device)
-    stages = [load_stage(path, device, args.weights) for path in args.checkpoints]
+    stages = [load_stage(path, device, args.weights) for path in stage_folders(args, "--checkpoints")]
     resolved = {name: per_stage(values, len(stages), f"--{name}") for name, values in settings.items()}
     sr_index = -1 if args.stage is None else min(args.stage, len(stages) - 1)
     evaluated = stages[0] if args.mode != "sr" else stages[sr_index]

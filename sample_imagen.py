@@ -4,7 +4,8 @@
         --prompts seven 3 "a handwritten nine" --num-per-prompt 4 --guidance 3 --output-dir out
 
 Each --checkpoint is a stage's run folder (its latest checkpoint is used) or one
-checkpoints/step_N folder, base first. --guidance, --steps, --sampler and
+checkpoints/step_N folder, base first; or --cascade configs/mnist_cpu/cascade.yaml samples
+the run folders its stages train into (their training.output_dir). --guidance, --steps, --sampler and
 --thresholding take one value for every stage or a comma-separated value per stage;
 unset, each stage uses its config's sampling section. Writes OUT/grid.png (final images,
 one row per prompt), OUT/stage_<k>.png, OUT/images/<index>_<prompt>.png and
@@ -19,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from imagen.cli import add_debug_argument, per_stage_values, run_script
+from imagen.cli import add_debug_argument, add_stage_sources, per_stage_values, run_script, stage_folders
 from imagen.diffusion import THRESHOLD_MODES
 from imagen.errors import ImagenError
 from imagen.samplers import SAMPLERS
@@ -47,8 +48,8 @@ def read_prompts(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="a stage's run folder or checkpoints/step_N folder; repeat per stage, base first")
+    add_stage_sources(parser, "--checkpoint", action="append",
+                      help="a stage's run folder or checkpoints/step_N folder; repeat per stage, base first")
     parser.add_argument("--prompts", nargs="+", help="text prompts")
     parser.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
     parser.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt (default 1)")
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     from imagen.cascade import Cascade, per_stage
     from imagen.io import atomic_write, save_png
 
-    cascade = Cascade.from_checkpoints(args.checkpoint, device=args.device, weights=args.weights)
+    cascade = Cascade.from_checkpoints(stage_folders(args, "--checkpoint"), device=args.device, weights=args.weights)
     count = len(cascade.stages)
     # One value for all stages, or exactly one per stage (None: the stage's config decides).
     resolved = {name: per_stage(values, count, f"--{name}") for name, values in settings.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from imagen.nn import group_norm, zero_module
@@ -26,9 +27,7 @@ def check_text(text: torch.Tensor, mask: torch.Tensor, batch: int, dim: int) -> 
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, C) -> (B, heads, N, C // heads)."""
-    batch, length, channels = x.shape
-    return x.view(batch, length, heads, channels // heads).transpose(1, 2)
+    return rearrange(x, "b n (heads d) -> b heads n d", heads=heads)
 
 
 class AttentionBlock(nn.Module):
@@ -59,7 +58,7 @@ class AttentionBlock(nn.Module):
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         assert channels == self.channels, f"expected {self.channels} channels, got {channels}"
-        pixels = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        pixels = rearrange(self.norm(x), "b c h w -> b (h w) c")
         keys, values, masks = [], [], []
         if self.self_attention:
             k, v = self.to_kv(pixels).chunk(2, dim=-1)
@@ -78,8 +77,8 @@ class AttentionBlock(nn.Module):
         v = _split_heads(torch.cat(values, dim=1), self.heads)
         mask = torch.cat(masks, dim=1)[:, None, None, :]  # (B, 1, 1, N_keys), broadcast over heads and queries
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        attended = attended.transpose(1, 2).reshape(batch, height * width, channels)
-        return x + self.out(attended).transpose(1, 2).view(batch, channels, height, width)
+        attended = rearrange(attended, "b heads n d -> b n (heads d)")
+        return x + rearrange(self.out(attended), "b (h w) c -> b c h w", h=height, w=width)
 
 
 class AttentionPool(nn.Module):
@@ -93,13 +92,13 @@ class AttentionPool(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        batch, _, dim = tokens.shape
+        batch = tokens.shape[0]
         k, v = self.to_kv(tokens).chunk(2, dim=-1)
         q = _split_heads(self.query.expand(batch, -1, -1).to(tokens.dtype), self.heads)
         pooled = F.scaled_dot_product_attention(
             q, _split_heads(k, self.heads), _split_heads(v, self.heads), attn_mask=mask[:, None, None, :]
         )
-        return self.out(pooled.transpose(1, 2).reshape(batch, dim))
+        return self.out(rearrange(pooled, "b heads 1 d -> b (heads d)"))
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

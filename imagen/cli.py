@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from imagen.config import StageConfig, load_stage_config
+from imagen.config import StageConfig, load_cascade_config, load_stage_config
 from imagen.errors import ImagenError
 
 
@@ -27,6 +27,22 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the run already in the run folder and start anew")
     add_debug_argument(parser)
+
+
+def add_stage_sources(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """The trained stages a script reads: ``flag`` (run or checkpoint folders, base first) or
+    ``--cascade FILE``, whose stages' ``training.output_dir`` folders are used."""
+    sources = parser.add_mutually_exclusive_group(required=True)
+    sources.add_argument(flag, **kwargs)
+    sources.add_argument("--cascade", help="a cascade file, e.g. configs/mnist_cpu/cascade.yaml: sample the run "
+                         "folders its stages train into (their training.output_dir)")
+
+
+def stage_folders(args: argparse.Namespace, flag: str) -> list[str]:
+    """The folders given by ``flag`` or, with ``--cascade``, the cascade's run folders."""
+    if args.cascade is None:
+        return list(getattr(args, flag.lstrip("-")))
+    return [str(folder) for folder in load_cascade_config(args.cascade).run_folders]
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:

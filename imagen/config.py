@@ -1,51 +1,27 @@
-"""Typed configuration: every YAML section is a dataclass, loaded and validated strictly.
+"""The configuration of a stage, one dataclass per YAML section: the reference for every key.
 
 A stage file (one cascade stage) has the sections of :class:`StageConfig`; a cascade
-file lists stage files in order, base first (:class:`CascadeConfig`). Loading rejects
-unknown keys (suggesting the nearest valid one), wrong types, missing required values,
-impossible values and invalid YAML, always naming the file and the key path
-(``unet.channel_mults``). ``--set key.path=value`` overrides go through the same
-validation.
+file lists stage files in order, base first (:class:`CascadeConfig`). Files and ``--set
+key.path=value`` overrides are loaded strictly by :mod:`imagen.loader`: unknown keys
+(with the nearest valid one suggested), wrong types, missing required values, impossible
+values and invalid YAML are refused with the file and the key path
+(``unet.channel_mults``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-import yaml
-
-from imagen.errors import ImagenError
 from imagen.io import atomic_write
-
-
-class ConfigError(ImagenError):
-    """A config file, a ``--set`` override or a config dict that cannot be used."""
-
-
-class _Invalid(Exception):
-    """Raised by ``validate`` methods: ``key`` (relative to the section) is impossible."""
-
-    def __init__(self, key: str, expected: str):
-        super().__init__(key, expected)
-        self.key = key
-        self.expected = expected
-
-
-def _require(condition: bool, key: str, expected: str) -> None:
-    if not condition:
-        raise _Invalid(key, expected)
+from imagen.loader import ConfigError, build, read_yaml_file, require, to_dict, to_yaml
 
 
 def _check_probability(value: float, key: str) -> None:
-    _require(0.0 <= value <= 1.0, key, "a probability in [0, 1]")
+    require(0.0 <= value <= 1.0, key, "a probability in [0, 1]")
 
 
 # --------------------------------------------------------------------------- sections
@@ -64,9 +40,9 @@ class TextEncoderConfig:
     embedding_cache_dir: Optional[str] = None
 
     def validate(self) -> None:
-        _require(self.name.strip() != "", "name", "a Hugging Face T5 id, a local folder or 'tiny'")
-        _require(self.max_length >= 2, "max_length", "an integer >= 2 (room for a token and </s>)")
-        _require(
+        require(self.name.strip() != "", "name", "a Hugging Face T5 id, a local folder or 'tiny'")
+        require(self.max_length >= 2, "max_length", "an integer >= 2 (room for a token and </s>)")
+        require(
             re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
             "device",
             "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'",
@@ -105,16 +81,16 @@ class UNetConfig:
         return [lowest * 2 ** (len(self.channel_mults) - 1 - level) for level in range(len(self.channel_mults))]
 
     def validate(self) -> None:
-        _require(self.image_size >= 1, "image_size", "a positive integer")
-        _require(self.channels >= 1, "channels", "a positive integer (1 for grey, 3 for RGB)")
-        _require(self.base_channels >= 1, "base_channels", "a positive integer")
-        _require(
+        require(self.image_size >= 1, "image_size", "a positive integer")
+        require(self.channels >= 1, "channels", "a positive integer (1 for grey, 3 for RGB)")
+        require(self.base_channels >= 1, "base_channels", "a positive integer")
+        require(
             len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
             "channel_mults",
             "a non-empty list of positive integers",
         )
         factor = 2**self.halvings
-        _require(
+        require(
             self.image_size % factor == 0,
             "channel_mults",
             f"at most as many levels as unet.image_size={self.image_size} can be halved: "
@@ -123,20 +99,20 @@ class UNetConfig:
         levels = self.level_resolutions()
         for key in ("attention_resolutions", "cross_attention_resolutions"):
             wrong = [r for r in getattr(self, key) if r not in levels]
-            _require(not wrong, key, f"resolutions the U-Net has (its levels are {levels}); {wrong} is not")
-        _require(self.num_head_channels >= 1, "num_head_channels", "a positive integer")
-        _require(self.text_projection_dim is None or self.text_projection_dim >= 1, "text_projection_dim",
+            require(not wrong, key, f"resolutions the U-Net has (its levels are {levels}); {wrong} is not")
+        require(self.num_head_channels >= 1, "num_head_channels", "a positive integer")
+        require(self.text_projection_dim is None or self.text_projection_dim >= 1, "text_projection_dim",
                  "a positive integer or null (no projection)")
         for level, mult in enumerate(self.channel_mults):
             width = self.base_channels * mult
             if levels[level] in self.attention_resolutions + self.cross_attention_resolutions:
-                _require(
+                require(
                     width % self.num_head_channels == 0,
                     "num_head_channels",
                     f"a divisor of the width of every attention level ({width} channels at resolution "
                     f"{levels[level]})",
                 )
-        _require(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
+        require(0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
 
 
 @dataclass
@@ -150,7 +126,7 @@ class BaseUNetConfig(UNetConfig):
 
     def validate(self) -> None:
         super().validate()
-        _require(self.num_res_blocks >= 1, "num_res_blocks", "a positive integer")
+        require(self.num_res_blocks >= 1, "num_res_blocks", "a positive integer")
 
 
 @dataclass
@@ -185,14 +161,11 @@ class EfficientUNetConfig(UNetConfig):
 
     def validate(self) -> None:
         super().validate()
-        _require(
+        require(
             len(self.num_res_blocks) == len(self.channel_mults) and all(n >= 1 for n in self.num_res_blocks),
             "num_res_blocks",
             f"one positive count per level ({len(self.channel_mults)} levels, as in unet.channel_mults)",
         )
-
-
-UNET_TYPES: dict[str, type[UNetConfig]] = {"unet": BaseUNetConfig, "efficient_unet": EfficientUNetConfig}
 
 
 @dataclass
@@ -201,17 +174,16 @@ class DiffusionConfig:
     timesteps: int = 1000
     # What the network predicts: the noise (the paper) or v = sqrt(ab)*eps - sqrt(1-ab)*x0.
     objective: Literal["eps", "v"] = "eps"
-    loss: Literal["mse"] = "mse"
     # Min-SNR-gamma loss weighting (Hang et al. 2023); null = unweighted.
     min_snr_gamma: Optional[float] = None
     linear_beta_start: float = 1e-4
     linear_beta_end: float = 0.02
 
     def validate(self) -> None:
-        _require(self.timesteps >= 2, "timesteps", "an integer >= 2")
-        _require(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "a positive number or null")
-        _require(0 < self.linear_beta_start < 1, "linear_beta_start", "a number in (0, 1)")
-        _require(
+        require(self.timesteps >= 2, "timesteps", "an integer >= 2")
+        require(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "a positive number or null")
+        require(0 < self.linear_beta_start < 1, "linear_beta_start", "a number in (0, 1)")
+        require(
             self.linear_beta_start < self.linear_beta_end < 1,
             "linear_beta_end",
             "a number in (linear_beta_start, 1)",
@@ -239,8 +211,8 @@ class ThresholdingConfig:
     max_threshold: Optional[float] = None
 
     def validate(self) -> None:
-        _require(0.0 < self.percentile <= 100.0, "percentile", "a percentile in (0, 100]")
-        _require(
+        require(0.0 < self.percentile <= 100.0, "percentile", "a percentile in (0, 100]")
+        require(
             self.max_threshold is None or self.max_threshold >= 1.0,
             "max_threshold",
             "null or a number >= 1 (s is never below 1)",
@@ -262,10 +234,10 @@ class SamplingConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
     def validate(self) -> None:
-        _require(self.steps >= 1, "steps", "a positive integer")
-        _require(self.guidance >= 0.0, "guidance", "a guidance weight >= 0 (1 = conditional only)")
-        _require(self.eta >= 0.0, "eta", "a number >= 0")
-        _require(self.batch_size >= 1, "batch_size", "a positive integer")
+        require(self.steps >= 1, "steps", "a positive integer")
+        require(self.guidance >= 0.0, "guidance", "a guidance weight >= 0 (1 = conditional only)")
+        require(0.0 <= self.eta <= 1.0, "eta", "a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)")
+        require(self.batch_size >= 1, "batch_size", "a positive integer")
 
 
 @dataclass
@@ -280,9 +252,9 @@ class SuperResolutionConfig:
     sample_aug_level: float = 0.2
 
     def validate(self) -> None:
-        _require(self.low_res_size >= 1, "low_res_size", "a positive integer")
+        require(self.low_res_size >= 1, "low_res_size", "a positive integer")
         aug_range = self.train_aug_range
-        _require(
+        require(
             len(aug_range) == 2 and 0.0 <= aug_range[0] <= aug_range[1] <= 1.0,
             "train_aug_range",
             "a list [low, high] with 0 <= low <= high <= 1",
@@ -295,14 +267,15 @@ class DataConfig:
     dataset: Literal["mnist", "caption_folder"] = "mnist"
     # mnist: the torchvision root (holding MNIST/raw); caption_folder: the image folder.
     root: str = "data"
-    download: bool = False
+    # Fetch MNIST into root when it is not there yet (needs internet once).
+    download: bool = True
     split: Literal["train", "test"] = "train"
     # MNIST prompts: the digit as a word ("seven"), a numeral ("7") or either at random.
     prompt_style: Literal["words", "numerals", "both"] = "both"
     seed: int = 0
 
     def validate(self) -> None:
-        _require(self.root.strip() != "", "root", "a folder path")
+        require(self.root.strip() != "", "root", "a folder path")
 
 
 @dataclass
@@ -322,7 +295,9 @@ class TrainingConfig:
     grad_accum_steps: int = 1
     ema_decay: float = 0.9999
     # Ramp the EMA decay up as min(ema_decay, (1 + step) / (10 + step)) so early averages
-    # are not dominated by the random initialisation.
+    # are not dominated by the random initialisation. The ramp is slow: it reaches 0.99 at
+    # step 890, 0.999 at step 8990 and 0.9999 at step 89990, so a short run averages over
+    # about step / 9 recent steps whatever ema_decay says (0.9955 at step 2000).
     ema_warmup: bool = True
     # auto: bf16 autocast on a GPU that supports it, full precision otherwise.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -346,21 +321,21 @@ class TrainingConfig:
     def validate(self) -> None:
         for key in ("batch_size", "max_steps", "grad_accum_steps", "checkpoint_every", "sample_every", "log_every",
                     "keep_checkpoints"):
-            _require(getattr(self, key) >= 1, key, "a positive integer")
-        _require(self.max_minutes is None or 0 < self.max_minutes < math.inf, "max_minutes",
+            require(getattr(self, key) >= 1, key, "a positive integer")
+        require(self.max_minutes is None or 0 < self.max_minutes < math.inf, "max_minutes",
                  "a positive, finite number of minutes or null (no time limit)")
-        _require(self.lr > 0, "lr", "a positive learning rate")
-        _require(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
-        _require(self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        _require(
+        require(self.lr > 0, "lr", "a positive learning rate")
+        require(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        require(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        require(
             len(self.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in self.adam_betas),
             "adam_betas",
             "a list of two numbers in [0, 1)",
         )
-        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "a positive number or null")
-        _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "a number in [0, 1)")
-        _require(self.output_dir.strip() != "", "output_dir", "a folder path")
-        _require(
+        require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "a positive number or null")
+        require(0.0 <= self.ema_decay < 1.0, "ema_decay", "a number in [0, 1)")
+        require(self.output_dir.strip() != "", "output_dir", "a folder path")
+        require(
             len(self.sample_guidance) >= 1 and all(w >= 0 for w in self.sample_guidance),
             "sample_guidance",
             "a non-empty list of guidance weights >= 0",
@@ -386,13 +361,13 @@ class StageConfig:
         return self.super_resolution is not None
 
     def validate(self) -> None:
-        _require(
+        require(
             self.sampling.steps <= self.diffusion.timesteps,
             "sampling.steps",
             f"at most diffusion.timesteps ({self.diffusion.timesteps})",
         )
         if self.super_resolution is not None:
-            _require(
+            require(
                 self.super_resolution.low_res_size < self.unet.image_size,
                 "super_resolution.low_res_size",
                 f"a size below unet.image_size ({self.unet.image_size})",
@@ -406,262 +381,24 @@ class CascadeConfig:
     stages: list[str]
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def _describe(annotation: Any) -> str:
-    """Human wording of a type annotation, for "expected ..." messages."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is bool:
-        return "true or false"
-    if annotation is int:
-        return "an integer"
-    if annotation is float:
-        return "a number"
-    if annotation is str:
-        return "a string"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        item = _describe(args[0])
-        return "a list of " + re.sub(r"^an? ", "", item) + ("s" if not item.startswith("one of") else "")
-    if origin in (Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return _describe(options[0]) + " or null"
-        return "a mapping with a 'type' key"
-    if dataclasses.is_dataclass(annotation):
-        return "a mapping of keys"
-    return str(annotation)
-
-
-def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-class _Context:
-    """Where the raw values came from, so messages name the file or the ``--set`` argument."""
-
-    def __init__(self, source: str, overrides: dict[str, str] | None = None):
-        self.source = source
-        self.overrides = overrides or {}
-
-    def origin(self, path: str) -> str:
-        for key, argument in self.overrides.items():
-            if path == key or path.startswith(key + ".") or key.startswith(path + "."):
-                return f"{self.source} (overridden by --set {argument})"
-        return self.source
-
-    def error(self, path: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.origin(path)}: {message}")
-
-    def wrong_value(self, path: str, expected: str, value: Any) -> ConfigError:
-        shown = repr(value)
-        if isinstance(value, dict) or len(shown) > 80:
-            shown = _type_name(value)
-        return self.error(path, f"invalid value for '{path}': expected {expected}, got {shown}.")
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _convert(annotation: Any, value: Any, path: str, ctx: _Context) -> Any:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    elif origin is Literal:
-        if value in args and isinstance(value, str):
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ctx.error(path, f"invalid value for '{path}': expected {_describe(annotation)}, got {value!r}{hint}.")
-    elif origin is list:
-        if isinstance(value, list):
-            return [_convert(args[0], item, f"{path}[{i}]", ctx) for i, item in enumerate(value)]
-    elif origin in (Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if value is None and len(options) < len(args):
-            return None
-        if len(options) == 1:
-            return _convert(options[0], value, path, ctx)
-        return _build_tagged(options, value, path, ctx)
-    elif dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, path, ctx)
-    raise ctx.wrong_value(path, _describe(annotation), value)
-
-
-def _build_tagged(variants: Sequence[type], value: Any, path: str, ctx: _Context) -> Any:
-    """A section whose ``type`` key selects the dataclass (e.g. ``unet.type``)."""
-    if not isinstance(value, dict):
-        raise ctx.wrong_value(path, "a mapping of keys", value)
-    by_type = {typing.get_args(typing.get_type_hints(v)["type"])[0]: v for v in variants}
-    chosen = value.get("type", next(iter(by_type)))
-    if chosen not in by_type:
-        close = difflib.get_close_matches(str(chosen), list(by_type), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ctx.error(
-            _join(path, "type"),
-            f"invalid value for '{_join(path, 'type')}': expected one of "
-            f"{', '.join(repr(t) for t in by_type)}, got {chosen!r}{hint}.",
-        )
-    return _build(by_type[chosen], value, path, ctx)
-
-
-def _build(cls: type, value: Any, path: str, ctx: _Context) -> Any:
-    if not isinstance(value, dict):
-        raise ctx.wrong_value(path or "<top level>", "a mapping of keys", value)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in value:
-        if key not in fields:
-            key_path = _join(path, str(key))
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean '{_join(path, close[0])}'?" if close else "."
-            where = f"'{path}'" if path else "a stage file"
-            if path and "type" in fields:
-                where += f" (type {getattr(cls, 'type', '')!r})"
-            raise ctx.error(
-                key_path,
-                f"unknown key '{key_path}'{hint} Valid keys in {where}: {', '.join(fields)}.",
-            )
-    kwargs = {}
-    for name, spec in fields.items():
-        key_path = _join(path, name)
-        if name in value:
-            kwargs[name] = _convert(hints[name], value[name], key_path, ctx)
-        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise ctx.error(key_path, f"missing required key '{key_path}' ({_describe(hints[name])}).")
-    instance = cls(**kwargs)
-    validate = getattr(instance, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except _Invalid as invalid:
-            key_path = _join(path, invalid.key)
-            raise ctx.wrong_value(key_path, invalid.expected, _lookup(instance, invalid.key)) from None
-    return instance
-
-
-def _lookup(instance: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        instance = getattr(instance, part)
-    return instance
-
-
-class _StrictYamlLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one) and
-    reads ``1e-4`` as a number (YAML 1.1 would read it as a string)."""
-
-
-def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-# YAML 1.1 also reads yes/no/on/off as booleans (so `mixed_precision: no` would be False);
-# like YAML 1.2, only true/false are booleans here.
-_StrictYamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_StrictYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_StrictYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_without_duplicates)
-_StrictYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text; a syntax error becomes a :class:`ConfigError` with its line number."""
-    try:
-        return yaml.load(text, Loader=_StrictYamlLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}: invalid YAML{where}: {problem}.") from None
-
-
-def _read_yaml_file(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        folder = " — it is a folder" if path.is_dir() else ""
-        raise ConfigError(f"{path}: config file not found (expected a YAML file{folder}).")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc}).") from None
-    return parse_yaml(text, str(path))
-
-
-def parse_override(argument: str) -> tuple[str, Any]:
-    """``'training.batch_size=64'`` -> ``('training.batch_size', 64)``; the value is read as YAML."""
-    key, sep, raw = argument.partition("=")
-    key = key.strip()
-    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise ConfigError(
-            f"--set {argument}: expected KEY=VALUE with a dotted key path, e.g. --set training.batch_size=64."
-        )
-    return key, parse_yaml(raw, f"--set {argument}")
-
-
-def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict[str, str]:
-    """Write each ``--set key.path=value`` into ``raw`` (in place); returns {key path: argument}."""
-    applied = {}
-    for argument in overrides:
-        key, value = parse_override(argument)
-        node = raw
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                prefix = ".".join(parts[: depth + 1])
-                raise ConfigError(f"--set {argument}: '{prefix}' is a single value, not a section with keys.")
-            node = child
-        node[parts[-1]] = value
-        applied[key] = argument
-    return applied
+# Keys that configs saved by earlier versions hold, with the one value each could have; they
+# are dropped on loading so that older checkpoints stay loadable.
+RETIRED_KEYS = {("diffusion", "loss"): "mse"}
 
 
 def stage_config_from_dict(raw: Any, source: str = "<config>", overrides: Sequence[str] = ()) -> StageConfig:
     """Validate a raw mapping (as read from YAML) into a :class:`StageConfig`."""
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (text_encoder, unet, ...), got {_type_name(raw)}.")
-    applied = apply_overrides(raw, overrides)
-    ctx = _Context(source, applied)
-    config = _build(StageConfig, raw, "", ctx)
-    return config
+    if isinstance(raw, dict):
+        raw = {name: dict(section) if isinstance(section, dict) else section for name, section in raw.items()}
+        for (section, key), value in RETIRED_KEYS.items():
+            if isinstance(raw.get(section), dict) and raw[section].get(key, value) == value:
+                raw[section].pop(key, None)
+    return build(StageConfig, raw, source, overrides)
 
 
 def load_stage_config(path: str | Path, overrides: Sequence[str] = ()) -> StageConfig:
     """Load and validate one stage file, applying ``--set`` overrides first."""
-    return stage_config_from_dict(_read_yaml_file(path), str(path), overrides)
+    return stage_config_from_dict(read_yaml_file(path), str(path), overrides)
 
 
 @dataclass
@@ -671,6 +408,11 @@ class LoadedCascade:
     path: Path
     stage_paths: list[Path]
     stages: list[StageConfig]
+
+    @property
+    def run_folders(self) -> list[Path]:
+        """Where each stage trains by default (its ``training.output_dir``), base first."""
+        return [Path(stage.training.output_dir) for stage in self.stages]
 
 
 def check_stage_order(stages: Sequence[StageConfig], names: Sequence[str],
@@ -704,8 +446,7 @@ def check_stage_order(stages: Sequence[StageConfig], names: Sequence[str],
 def load_cascade_config(path: str | Path) -> LoadedCascade:
     """Load a cascade file and every stage file it lists (relative to the cascade file)."""
     path = Path(path)
-    raw = _read_yaml_file(path)
-    cascade = _build(CascadeConfig, {} if raw is None else raw, "", _Context(str(path)))
+    cascade = build(CascadeConfig, read_yaml_file(path), str(path))
     if not cascade.stages:
         raise ConfigError(f"{path}: invalid value for 'stages': expected at least one stage file, got an empty list.")
     stage_paths = [path.parent / stage for stage in cascade.stages]
@@ -716,11 +457,11 @@ def load_cascade_config(path: str | Path) -> LoadedCascade:
 
 def config_to_dict(config: Any) -> dict:
     """Plain dict of a config (lists, numbers, strings), ready for YAML or JSON."""
-    return dataclasses.asdict(config)
+    return to_dict(config)
 
 
 def config_to_yaml(config: Any) -> str:
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
+    return to_yaml(config)
 
 
 def save_config(config: StageConfig, path: str | Path) -> None:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.data import Dataset
 
 from imagen.captions import digit_prompts
@@ -45,17 +46,26 @@ def to_model_images(images: torch.Tensor, size: int, channels: int) -> torch.Ten
 
 def load_mnist(root: str | Path, split: str = "train", download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST as stored: images (N, 1, 28, 28) uint8 and labels (N,) long, from torchvision's
-    layout under ``root`` (``MNIST/raw``)."""
+    layout under ``root`` (``MNIST/raw``); with ``download`` fetched there first if missing."""
     from torchvision.datasets import MNIST
 
+    raw = Path(root) / "MNIST" / "raw"
     try:
         mnist = MNIST(str(root), train=split == "train", download=download)
     except (RuntimeError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        if download:
+            raise DataError(
+                f"data.root {str(root)!r} holds no MNIST {split} split and downloading it failed ({reason}). "
+                f"Without internet access, copy the four idx files (train-images-idx3-ubyte, "
+                f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte) into {raw}, or "
+                "point data.root at a folder that holds MNIST/raw (this repository's offline copy: "
+                "--set data.root=../shared/data)."
+            ) from None
         raise DataError(
-            f"data.root {str(root)!r} holds no MNIST {split} split ({' '.join(str(exc).split())}). "
-            f"Expected {Path(root) / 'MNIST' / 'raw'} with the idx files (e.g. train-images-idx3-ubyte); "
-            "point data.root at such a folder (offline copy: ../shared/data) or set data.download: true "
-            "on a machine with internet access."
+            f"data.root {str(root)!r} holds no MNIST {split} split ({reason}). Expected {raw} with the idx "
+            "files (e.g. train-images-idx3-ubyte); point data.root at such a folder (offline copy: "
+            "../shared/data) or set data.download: true on a machine with internet access."
         ) from None
     return mnist.data.unsqueeze(1), mnist.targets.long()
 
@@ -180,7 +190,7 @@ class CaptionFolderDataset(Dataset):
                 width, height = image.size
         except OSError as exc:
             raise DataError(f"{path}: cannot read this image ({exc}).") from None
-        pixels = pixels.view(height, width, self.channels).permute(2, 0, 1)
+        pixels = rearrange(pixels, "(h w c) -> c h w", h=height, w=width)
         side = min(height, width)
         top, left = (height - side) // 2, (width - side) // 2
         return pixels[:, top : top + side, left : left + side].unsqueeze(0)

@@ -125,23 +125,21 @@ class GaussianDiffusion:
 
     # -- conversions between eps, x0 and v --------------------------------------------
 
-    def predict_x0(
-        self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor
-    ) -> torch.Tensor:
-        """x0 implied by the network output (eps or v, per ``objective``); (B, ...)."""
+    def x0_from_output(self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """x0 implied by the network output (eps or v, per ``objective``) at x_t; (B, ...)."""
         sqrt_ab = _gather(self.sqrt_alphas_cumprod, t, x_t)
         sqrt_one_minus_ab = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
         if self.objective == "eps":
             return (x_t - sqrt_one_minus_ab * model_output) / sqrt_ab
         return sqrt_ab * x_t - sqrt_one_minus_ab * model_output
 
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """The noise that takes x0 to x_t at step t; (B, ...)."""
         return ((x_t - _gather(self.sqrt_alphas_cumprod, t, x_t) * x0)
                 / _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t))
 
-    def v_from(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0; (B, ...)."""
+    def v_from_eps(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 for data x0 noised by eps at step t; (B, ...)."""
         return (_gather(self.sqrt_alphas_cumprod, t, x0) * eps
                 - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
 
@@ -183,7 +181,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
-        target = noise if self.objective == "eps" else self.v_from(x0, noise, t)
+        target = noise if self.objective == "eps" else self.v_from_eps(x0, t, noise)
         output = model(x_t, self.model_timesteps(t), **cond)
         if output.shape != target.shape:
             raise ValueError(f"model output shape {tuple(output.shape)} != "
@@ -203,11 +201,16 @@ class GaussianDiffusion:
         return clipped / snr if self.objective == "eps" else clipped / (snr + 1)
 
 
+def append_dims(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Per-sample values (B,) as (B, 1, ..., 1) with ``ndim`` dimensions, to broadcast over a batch."""
+    return values.reshape(-1, *([1] * (ndim - 1)))
+
+
 def _gather(coefficients: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """coefficients[t] as (B, 1, ..., 1) in like's dtype and device, to broadcast over like."""
     # Index on t's device: moving t to the CPU instead would synchronise with the GPU every step.
     values = coefficients.to(device=t.device, dtype=like.dtype)[t].to(like.device)
-    return values.reshape(-1, *([1] * (like.ndim - 1)))
+    return append_dims(values, like.ndim)
 
 
 def threshold_x0(
@@ -241,5 +244,5 @@ def threshold_x0(
     s = s.clamp(min=1)
     if max_threshold is not None:
         s = s.clamp(max=max_threshold)
-    s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    s = append_dims(s.to(x0.dtype), x0.ndim)
     return torch.maximum(torch.minimum(x0, s), -s) / s

@@ -99,13 +99,14 @@ def save_png(rows: torch.Tensor | Sequence[torch.Tensor], path: Path, columns: i
     ``rows``: one tensor (N, C, H, W), or several (each (N_i, C, H, W)) that may live on
     different devices; each is brought to the host before they are joined.
     """
+    from einops import rearrange
     from PIL import Image
     from torchvision.utils import make_grid
 
     rows = [rows] if isinstance(rows, torch.Tensor) else list(rows)
     images = torch.cat([to_host(row).float() for row in rows])
     grid = make_grid((images + 1) / 2, nrow=columns, padding=2, pad_value=0.5)
-    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pixels = rearrange((grid.clamp(0, 1) * 255).round().to(torch.uint8), "c h w -> h w c").numpy()
     image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

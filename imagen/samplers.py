@@ -95,7 +95,7 @@ def ddim_sample_loop(
     x = _initial_noise(shape, noise, generator, device)
     for i in reversed(range(diffusion.num_timesteps)):
         t, pred_x0 = _predict_x0(diffusion, model_fn, x, i, threshold)
-        eps = diffusion.predict_eps(x, t, pred_x0)
+        eps = diffusion.eps_from_x0(x, t, pred_x0)
         ab = diffusion.alphas_cumprod[i].item()
         ab_prev = diffusion.alphas_cumprod_prev[i].item()
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
@@ -220,24 +220,22 @@ def sample(
     device: torch.device | str | None = None,
     thresholding: Thresholding = None,
     noise: torch.Tensor | None = None,
-    eta: float = 0.0,
     on_step: Callable[[SamplerStep], None] | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     """Run a sampler to the end and return the final sample (shape ``shape``).
 
     ``sampler``: one of SAMPLERS. ``steps``: respace ``diffusion`` to this many
-    steps first (None: use its steps as they are). ``eta`` applies to DDIM only.
-    ``on_step`` is called with every step (e.g. to advance a progress bar).
+    steps first (None: use its steps as they are). ``options`` go to that sampler's
+    loop (``eta`` for DDIM). ``on_step`` is called with every step (e.g. to advance a
+    progress bar).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {tuple(SAMPLERS)}")
-    if sampler != "ddim" and eta != 0:
-        raise ValueError(f"eta is a DDIM setting; sampler {sampler!r} does not take it")
     if steps is not None:
         diffusion = diffusion.respace(steps)
-    extra = {"eta": eta} if sampler == "ddim" else {}
     loop = SAMPLERS[sampler](diffusion, model_fn, shape, generator=generator, device=device,
-                             thresholding=thresholding, noise=noise, **extra)
+                             thresholding=thresholding, noise=noise, **options)
     for step in loop:
         if on_step is not None:
             on_step(step)
@@ -276,7 +274,7 @@ def _predict_x0(
     """Evaluate the network at step index i; return (t (B,), thresholded x0 (B, ...))."""
     t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
     model_output = model_fn(x, diffusion.model_timesteps(t))
-    return t, threshold(diffusion.predict_x0(x, t, model_output))
+    return t, threshold(diffusion.x0_from_output(x, t, model_output))
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

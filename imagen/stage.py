@@ -121,6 +121,6 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
         diffusion, model_fn, (len(text.mask), channels, size, size),
         sampler=sampler, steps=steps or sampling.steps, generator=generator, device=device,
         thresholding={**dataclasses.asdict(config.thresholding), **({"mode": thresholding} if thresholding else {})},
-        eta=sampling.eta if sampler == "ddim" else 0.0, on_step=on_step,
+        on_step=on_step, **({"eta": sampling.eta} if sampler == "ddim" else {}),
     )
     return images.clamp(-1.0, 1.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from imagen.diffusion import GaussianDiffusion
+from imagen.diffusion import GaussianDiffusion, append_dims
 
 
 def downsample(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -39,5 +39,5 @@ def noise_augment(diffusion: GaussianDiffusion, low_res: torch.Tensor, aug_level
     t = (aug_level.clamp(0.0, 1.0) * last).round().long()
     noise = torch.randn(low_res.shape, device=low_res.device, dtype=low_res.dtype, generator=generator)
     noised = diffusion.q_sample(low_res, t, noise)
-    untouched = (t == 0).view(-1, *([1] * (low_res.ndim - 1)))
+    untouched = append_dims(t == 0, low_res.ndim)
     return torch.where(untouched, low_res, noised), t.to(low_res.dtype) / last

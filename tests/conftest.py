@@ -31,6 +31,31 @@ def python(*args, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture
+def tiny_stage(mnist_root):
+    """Makes stage configs small enough to train a step in a fraction of a second on MNIST:
+    ``tiny_stage(super_resolution=False, **training)`` gives a 16x16 base stage (or an 8->16
+    Efficient U-Net), the tiny T5 with 8 tokens, 2 sampling steps and 2 training steps of 4
+    images, with ``training`` settings overridden."""
+    from imagen.config import stage_config_from_dict
+
+    def make(super_resolution: bool = False, **training):
+        unet = {"image_size": 16, "base_channels": 16, "channel_mults": [1, 2], "num_head_channels": 16}
+        if super_resolution:
+            unet.update(type="efficient_unet", num_res_blocks=[1, 1])
+        else:
+            unet.update(num_res_blocks=1, attention_resolutions=[8], cross_attention_resolutions=[8])
+        settings = {"batch_size": 4, "max_steps": 2, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2,
+                    "sample_every": 1000, "sample_guidance": [1.0]}
+        raw = {"text_encoder": {"name": "tiny", "max_length": 8, "device": "cpu"}, "unet": unet,
+               "sampling": {"steps": 2}, "data": {"root": str(mnist_root)}, "training": {**settings, **training}}
+        if super_resolution:
+            raw["super_resolution"] = {"low_res_size": 8}
+        return stage_config_from_dict(raw)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def trained(mnist_root, tmp_path_factory) -> Path:
     """The CPU cascade's two stages, each trained for two steps through its script:

@@ -6,11 +6,12 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO_ROOT, python
 from torch.utils.flop_counter import FlopCounterMode
 
 from imagen.config import load_stage_config
 from imagen.stage import build_network
+
+from conftest import REPO_ROOT, python
 
 TINY_T5_WIDTH = 128
 

@@ -6,12 +6,13 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import python
 from PIL import Image
 
 from imagen.cascade import Cascade
 from imagen.checkpoint import latest_checkpoint
 from imagen.errors import ImagenError
+
+from conftest import python
 
 
 def sample_cli(trained, *args):
@@ -95,3 +96,24 @@ def test_bad_cascades_exit_2_with_a_clear_message(trained, tmp_path):
     for args, fragment in cases:
         result = python("sample_imagen.py", *args, "--prompts", "1", *out)
         assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_cascade_file_names_the_run_folders_to_sample(trained, tmp_path):
+    """--cascade FILE samples the folders its stages train into, exactly as --checkpoint does."""
+    for name, config in (("base", "configs/mnist_cpu/base.yaml"), ("sr", "configs/mnist_cpu/sr.yaml")):
+        raw = yaml.safe_load(open(config))
+        raw["training"]["output_dir"] = str(trained / name)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "cascade.yaml").write_text("stages:\n  - base.yaml\n  - sr.yaml\n")
+    common = ["--prompts", "seven", "3", "--steps", "2", "--seed", "1"]
+    by_file = python("sample_imagen.py", "--cascade", str(tmp_path / "cascade.yaml"), *common,
+                     "--output-dir", str(tmp_path / "by_file"))
+    assert by_file.returncode == 0, by_file.stderr
+    by_folder = sample_cli(trained, *common, "--output-dir", str(tmp_path / "by_folder"))
+    assert by_folder.returncode == 0, by_folder.stderr
+    stages = json.loads((tmp_path / "by_file" / "metadata.json").read_text())["stages"]
+    assert [s["checkpoint"] for s in stages] == [str(latest_checkpoint(trained / n)) for n in ("base", "sr")]
+    assert (tmp_path / "by_file" / "grid.png").read_bytes() == (tmp_path / "by_folder" / "grid.png").read_bytes()
+    both = python("sample_imagen.py", "--cascade", str(tmp_path / "cascade.yaml"), "--checkpoint", str(trained / "base"),
+                  *common, "--output-dir", str(tmp_path / "both"))
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

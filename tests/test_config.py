@@ -13,12 +13,13 @@ from imagen.config import (
     config_to_dict,
     load_cascade_config,
     load_stage_config,
-    parse_yaml,
     save_config,
     stage_config_from_dict,
 )
+from imagen.loader import parse_yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO_ROOT
+
 STAGE_FILES = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml") if p.name != "cascade.yaml")
 CASCADE_FILES = sorted((REPO_ROOT / "configs").rglob("cascade.yaml"))
 
@@ -121,6 +122,7 @@ INVALID = [
     ({"sampling": {"steps": 2000}}, [], ["'sampling.steps'", "diffusion.timesteps (1000)"]),
     ({"sampling": {"sampler": "dpm"}}, [], ["'sampling.sampler'", "'ddpm'", "'ddim'"]),
     ({"sampling": {"guidance": -1}}, [], ["'sampling.guidance'", ">= 0"]),
+    ({"sampling": {"eta": 1.5}}, [], ["'sampling.eta'", "[0, 1]"]),
     ({"super_resolution": {}}, [], ["missing required key 'super_resolution.low_res_size'"]),
     ({"super_resolution": {"low_res_size": 64}}, [], ["'super_resolution.low_res_size'", "below unet.image_size (64)"]),
     ({"super_resolution": {"low_res_size": 16, "train_aug_range": [0.5, 0.2]}}, [],
@@ -210,7 +212,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 def test_top_level_must_be_a_mapping(tmp_path):
-    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping of sections"):
+    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping of keys \(text_encoder, unet, "):
         load_stage_config(write_yaml(tmp_path, "list.yaml", "- 1\n- 2\n"))
 
 
@@ -256,3 +258,10 @@ def test_stage_errors_inside_a_cascade_name_the_stage_file(tmp_path):
     write_yaml(tmp_path, "cascade.yaml", {"stages": ["base.yaml"]})
     with pytest.raises(ConfigError, match=r"base\.yaml: unknown key 'training.batchsize'"):
         load_cascade_config(tmp_path / "cascade.yaml")
+
+
+def test_configs_saved_by_earlier_versions_still_load():
+    """Checkpoints written before ``diffusion.loss`` was retired hold ``loss: mse``, its only value."""
+    assert stage_config_from_dict({"diffusion": {"loss": "mse", "timesteps": 500}}).diffusion.timesteps == 500
+    with pytest.raises(ConfigError, match="unknown key 'diffusion.loss'"):
+        stage_config_from_dict({"diffusion": {"loss": "l1"}})

@@ -83,7 +83,26 @@ def test_three_channel_and_test_split(mnist_root):
 
 def test_folder_without_mnist_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"data.root .* holds no MNIST train split.*MNIST/raw.*data.download"):
-        MNISTTextDataset(tmp_path, image_size=16)
+        MNISTTextDataset(tmp_path, image_size=16, download=False)
+
+
+def test_missing_mnist_is_downloaded_by_default_and_offline_the_error_names_the_way_out(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    assert DataConfig().download  # a first run on a connected machine just works
+    attempts = []
+
+    def offline(self):
+        attempts.append(self.root)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error Name or service not known>")
+
+    monkeypatch.setattr(MNIST, "download", offline)
+    with pytest.raises(DataError) as error:
+        build_dataset(DataConfig(root=str(tmp_path)), 16, 1)
+    message = str(error.value)
+    assert attempts == [str(tmp_path)]
+    assert "downloading it failed" in message and "Name or service not known" in message
+    assert str(tmp_path / "MNIST" / "raw") in message and "--set data.root=../shared/data" in message
 
 
 def test_to_model_images_converts_rgb_to_grey():

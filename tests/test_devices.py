@@ -19,9 +19,11 @@ from PIL import Image
 
 from imagen.cascade import Cascade
 from imagen.checkpoint import latest_checkpoint
-from imagen.config import stage_config_from_dict
+from imagen.config import config_to_dict, stage_config_from_dict
 from imagen.evaluation import Evaluator
 from imagen.io import save_png, seeded_generator, to_host
+from imagen.stage import build_diffusion, build_network, sample_stage
+from imagen.text import EncodedText
 from imagen.trainer import Trainer
 
 META = torch.device("meta")
@@ -29,26 +31,11 @@ META = torch.device("meta")
 pytestmark = pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter:UserWarning")
 
 
-def tiny_stage(mnist_root, super_resolution: bool, **training):
-    unet = {"image_size": 16, "base_channels": 16, "channel_mults": [1, 2], "num_head_channels": 16}
-    if super_resolution:
-        unet.update(type="efficient_unet", num_res_blocks=[1, 1])
-    else:
-        unet.update(num_res_blocks=1, attention_resolutions=[8], cross_attention_resolutions=[8])
-    settings = {"batch_size": 4, "max_steps": 2, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2,
-                "sample_every": 1, "sample_guidance": [1.0, 3.0]}
-    settings.update(training)
-    raw = {"text_encoder": {"name": "tiny", "max_length": 8, "device": "cpu"}, "unet": unet,
-           "sampling": {"steps": 2}, "data": {"root": str(mnist_root)}, "training": settings}
-    if super_resolution:
-        raw["super_resolution"] = {"low_res_size": 8}
-    return stage_config_from_dict(raw)
-
-
 @pytest.mark.parametrize("super_resolution", [False, True], ids=["base", "sr"])
-def test_a_stage_trains_writes_grids_and_resumes_on_another_device(mnist_root, tmp_path, super_resolution):
+def test_a_stage_trains_writes_grids_and_resumes_on_another_device(tiny_stage, tmp_path, super_resolution):
     run_dir = tmp_path / "run"
-    trainer = Trainer.from_config(tiny_stage(mnist_root, super_resolution), run_dir, device=META)
+    config = tiny_stage(super_resolution, sample_every=1, sample_guidance=[1.0, 3.0])
+    trainer = Trainer.from_config(config, run_dir, device=META)
     # Everything the step touches lives on the training device; the grid's text stays on the host.
     assert trainer.device == META and trainer.dataset.images.is_meta and trainer.text_table.embeddings.is_meta
     assert all(p.is_meta for p in trainer.network.parameters())
@@ -65,8 +52,8 @@ def test_a_stage_trains_writes_grids_and_resumes_on_another_device(mnist_root, t
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["peak_memory_mb"] > 0 for m in metrics)
 
-    resumed = Trainer.from_config(tiny_stage(mnist_root, super_resolution, max_steps=3), run_dir, resume=True,
-                                  device=META)
+    config = tiny_stage(super_resolution, sample_every=1, sample_guidance=[1.0, 3.0], max_steps=3)
+    resumed = Trainer.from_config(config, run_dir, resume=True, device=META)
     assert resumed.step == 2
     resumed.train()
     assert latest_checkpoint(run_dir).name == "step_00000003"
@@ -100,3 +87,24 @@ def test_host_copies_and_generators_of_the_stand_in_device():
     a, b = seeded_generator("cpu", 5), seeded_generator(META, 5)
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
     assert torch.rand(4, generator=seeded_generator(META, 5), device=META).is_meta
+
+
+def test_sampling_in_bf16_runs_the_network_in_bf16_and_the_sampler_in_float32(tiny_stage):
+    config = tiny_stage()
+    network = build_network(config, 32).eval()
+    with torch.no_grad():
+        for parameter in network.parameters():  # a network whose output depends on its input
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    seen = []
+    network.output.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    text = EncodedText(torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.bool))
+    images = {}
+    for precision in ("no", "bf16"):
+        stage = stage_config_from_dict({**config_to_dict(config),
+                                        "sampling": {"steps": 3, "mixed_precision": precision}})
+        images[precision] = sample_stage(network, build_diffusion(stage), stage, text, guidance=3.0,
+                                         generator=seeded_generator("cpu", 0))
+    assert seen[:3] == [torch.float32] * 3 and seen[3:] == [torch.bfloat16] * 3
+    assert images["bf16"].dtype == torch.float32
+    difference = (images["bf16"] - images["no"]).abs()
+    assert 0 < difference.mean() < 0.05  # bf16 rounding, not another image

@@ -97,10 +97,10 @@ def test_eps_x0_v_conversions_round_trip():
     v_diffusion = GaussianDiffusion.from_schedule("cosine", 1000, objective="v")
     x_t = eps_diffusion.q_sample(x0, t, eps)
 
-    torch.testing.assert_close(eps_diffusion.predict_x0(x_t, t, eps), x0, rtol=0, atol=1e-7)
-    torch.testing.assert_close(eps_diffusion.predict_eps(x_t, t, x0), eps, rtol=0, atol=1e-8)
-    v = v_diffusion.v_from(x0, eps, t)
-    torch.testing.assert_close(v_diffusion.predict_x0(x_t, t, v), x0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(eps_diffusion.x0_from_output(x_t, t, eps), x0, rtol=0, atol=1e-7)
+    torch.testing.assert_close(eps_diffusion.eps_from_x0(x_t, t, x0), eps, rtol=0, atol=1e-8)
+    v = v_diffusion.v_from_eps(x0, t, eps)
+    torch.testing.assert_close(v_diffusion.x0_from_output(x_t, t, v), x0, rtol=0, atol=1e-10)
 
     ab = torch.tensor(alpha_bars(eps_diffusion.betas), dtype=torch.float64)[t].reshape(-1, 1, 1, 1)
     torch.testing.assert_close(v, ab.sqrt() * eps - (1 - ab).sqrt() * x0)
@@ -171,7 +171,7 @@ def test_the_objectives_target_gives_zero_loss_and_the_model_gets_conditioning(o
     def oracle(x_t, timesteps, *, text_emb, drop_text):
         calls.append((timesteps, text_emb, drop_text))
         torch.testing.assert_close(x_t, diffusion.q_sample(x0, t, noise))
-        return noise if objective == "eps" else diffusion.v_from(x0, noise, t)
+        return noise if objective == "eps" else diffusion.v_from_eps(x0, t, noise)
 
     drop = torch.tensor([True, False, False, True])
     out = diffusion.training_losses(oracle, x0, t, noise, text_emb=text_emb, drop_text=drop)
@@ -180,7 +180,7 @@ def test_the_objectives_target_gives_zero_loss_and_the_model_gets_conditioning(o
     assert torch.equal(seen_t, t) and seen_emb is text_emb and seen_drop is drop
 
     wrong = diffusion.training_losses(lambda x, s, **_: torch.zeros_like(x), x0, t, noise)
-    target = noise if objective == "eps" else diffusion.v_from(x0, noise, t)
+    target = noise if objective == "eps" else diffusion.v_from_eps(x0, t, noise)
     torch.testing.assert_close(wrong["loss"], target.pow(2).mean(dim=(1, 2, 3)))
 
 
@@ -220,8 +220,8 @@ def test_min_snr_weighting_means_the_same_thing_for_both_objectives():
         diffusion = GaussianDiffusion.from_schedule("cosine", 1000, objective=objective)
 
         def model_predicting_x0_hat(x_t, timesteps):
-            eps_hat = diffusion.predict_eps(x_t, t, x0_hat)
-            return eps_hat if objective == "eps" else diffusion.v_from(x0_hat, eps_hat, t)
+            eps_hat = diffusion.eps_from_x0(x_t, t, x0_hat)
+            return eps_hat if objective == "eps" else diffusion.v_from_eps(x0_hat, t, eps_hat)
 
         out = diffusion.training_losses(model_predicting_x0_hat, x0, t, noise,
                                         min_snr_gamma=gamma)

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from conftest import python
 
 from imagen.cascade import Cascade, load_stage
 from imagen.classifier import (
@@ -28,6 +27,8 @@ from imagen.evaluation import (
     real_reference,
 )
 from imagen.stage import sample_stage
+
+from conftest import python
 
 
 def gaussian_clusters(weights, count, seed):

@@ -97,7 +97,7 @@ def test_guiding_v_is_guiding_eps():
     w = 7.0
 
     def eps_of(v):
-        return diffusion.predict_eps(x_t, t, diffusion.predict_x0(x_t, t, v))
+        return diffusion.eps_from_x0(x_t, t, diffusion.x0_from_output(x_t, t, v))
 
     torch.testing.assert_close(eps_of(w * v_cond + (1 - w) * v_uncond),
                                w * eps_of(v_cond) + (1 - w) * eps_of(v_uncond))

@@ -5,7 +5,6 @@ network is counted in a second. T5-XXL cannot be downloaded here; its width (d_m
 google/t5-v1_1-xxl) is what the networks are conditioned on.
 """
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,9 @@ from imagen.attention import AttentionBlock
 from imagen.config import load_cascade_config, load_stage_config
 from imagen.stage import build_network
 
-PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
+from conftest import REPO_ROOT
+
+PAPER = REPO_ROOT / "configs" / "paper"
 T5_XXL_WIDTH = 4096
 
 

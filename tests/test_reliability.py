@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, python
 
 import sample_imagen
 import train_base_mnist
@@ -20,9 +19,11 @@ import train_sr_mnist
 from imagen.cascade import Cascade, load_stage
 from imagen.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_tensors
 from imagen.cli import run_script
-from imagen.config import TextEncoderConfig, stage_config_from_dict
+from imagen.config import TextEncoderConfig
 from imagen.text import TextEmbeddingCache
 from imagen.trainer import Trainer
+
+from conftest import REPO_ROOT, python
 
 QUICK = ["--set", "training.batch_size=4", "--set", "sampling.steps=2", "--set", "training.sample_guidance=[1]"]
 
@@ -78,7 +79,8 @@ def table(root: Path, trained: Path, mnist: Path):
         (T, ["--config", cpu_base, "--set", "sampling.sampler=euler"], "'sampling.sampler': expected one of"),
         (T, ["--config", cpu_base, "--set", "guidance.cond_drop_prob=2"], "probability in [0, 1]"),
         (T, ["--config", cpu_base, "--set", "training.batch_size"], "expected KEY=VALUE"),
-        (T, ["--config", cpu_base, "--set", f"data.root={root / 'no_mnist'}", *QUICK, *train_out], "holds no MNIST"),
+        (T, ["--config", cpu_base, "--set", f"data.root={root / 'no_mnist'}", "--set", "data.download=false", *QUICK,
+             *train_out], "holds no MNIST"),
         (T, ["--config", cpu_base, "--set", "data.dataset=caption_folder", "--set", f"data.root={root / 'nope'}",
              *train_out], "is not a folder"),
         (T, ["--config", cpu_sr], "train it with train_sr_mnist.py"),
@@ -132,27 +134,14 @@ def test_a_real_process_exits_2_without_traceback_and_shows_it_with_debug(tmp_pa
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
-def small_config(mnist_root, **training):
-    settings = {"batch_size": 4, "max_steps": 6, "warmup_steps": 2, "checkpoint_every": 3, "sample_every": 1000,
-                "log_every": 1}
-    settings.update(training)
-    return stage_config_from_dict({
-        "text_encoder": {"name": "tiny", "max_length": 8, "device": "cpu"},
-        "unet": {"image_size": 16, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
-                 "attention_resolutions": [8], "cross_attention_resolutions": [8], "num_head_channels": 16},
-        "sampling": {"steps": 2},
-        "data": {"root": str(mnist_root)},
-        "training": settings,
-    })
-
-
-def test_resuming_halfway_gives_bit_identical_weights(mnist_root, tmp_path):
-    straight = Trainer.from_config(small_config(mnist_root), tmp_path / "straight")
+def test_resuming_halfway_gives_bit_identical_weights(tiny_stage, tmp_path):
+    config = tiny_stage(max_steps=6, warmup_steps=2, checkpoint_every=3)
+    straight = Trainer.from_config(config, tmp_path / "straight")
     straight.train()
-    halves = Trainer.from_config(small_config(mnist_root), tmp_path / "halves")
+    halves = Trainer.from_config(config, tmp_path / "halves")
     halves.train(until=3)
     assert halves.step == 3 and latest_checkpoint(tmp_path / "halves").name == "step_00000003"
-    resumed = Trainer.from_config(small_config(mnist_root), tmp_path / "halves", resume=True)
+    resumed = Trainer.from_config(config, tmp_path / "halves", resume=True)
     assert resumed.step == 3
     resumed.train()
     for a, b in ((straight.network, resumed.network), (straight.ema.network, resumed.ema.network)):

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,8 @@ from imagen.super_resolution import downsample, draw_aug_levels, noise_augment
 from imagen.text import EncodedText
 from imagen.trainer import Trainer, build_optimizer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO_ROOT
+
 TEXT_DIM = 24
 
 

@@ -19,7 +19,8 @@ from imagen.text import (
     make_tiny_t5,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO_ROOT
+
 PROMPTS = ["seven", "7", "a handwritten digit three", "", "zéro ünïcode ✓"]
 
 

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,22 +18,10 @@ from imagen.data import MNISTTextDataset
 from imagen.stage import build_diffusion, build_network
 from imagen.trainer import EMA, Trainer, TrainingError, build_optimizer, lr_factor
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO_ROOT
+
 SMALL_UNET = {"image_size": 16, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1,
               "attention_resolutions": [8], "cross_attention_resolutions": [8], "num_head_channels": 16}
-
-
-def small_config(mnist_root, **training):
-    settings = {"batch_size": 8, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2, "sample_every": 100,
-                "log_every": 1, "sample_guidance": [1.0, 4.0]}
-    settings.update(training)
-    return stage_config_from_dict({
-        "text_encoder": {"name": "tiny", "max_length": 8, "device": "cpu"},
-        "unet": SMALL_UNET,
-        "sampling": {"steps": 3},
-        "data": {"root": str(mnist_root)},
-        "training": settings,
-    })
 
 
 def test_a_handful_of_real_digits_is_overfit(mnist_root):
@@ -110,10 +97,10 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert lr_factor(5000, constant) == 1.0
 
 
-def test_checkpoint_reload_gives_bit_identical_outputs(mnist_root, tmp_path):
-    trainer = Trainer.from_config(small_config(mnist_root), tmp_path / "run")
+def test_checkpoint_reload_gives_bit_identical_outputs(tiny_stage, tmp_path):
+    trainer = Trainer.from_config(tiny_stage(), tmp_path / "run")
     trainer.train()
-    resumed = Trainer.from_config(small_config(mnist_root), tmp_path / "run", resume=True)
+    resumed = Trainer.from_config(tiny_stage(), tmp_path / "run", resume=True)
     assert resumed.step == 2
     x = torch.randn(2, 1, 16, 16)
     t = torch.tensor([10, 900])
@@ -128,8 +115,8 @@ def test_checkpoint_reload_gives_bit_identical_outputs(mnist_root, tmp_path):
     assert resumed.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
 
 
-def test_non_finite_loss_stops_without_writing_a_checkpoint(mnist_root, tmp_path):
-    trainer = Trainer.from_config(small_config(mnist_root, max_steps=6, checkpoint_every=2), tmp_path / "run")
+def test_non_finite_loss_stops_without_writing_a_checkpoint(tiny_stage, tmp_path):
+    trainer = Trainer.from_config(tiny_stage(max_steps=6, checkpoint_every=2), tmp_path / "run")
     calls = {"n": 0}
 
     def poison(module, args, output):
@@ -230,8 +217,8 @@ def test_a_time_budget_ends_training_with_a_checkpoint_and_a_grid_and_resume_goe
     assert steps == [1, 4]  # a log line at the budget stop and at the end (log_every is 50)
 
 
-def test_the_budget_counts_from_the_start_and_every_finished_step_counts(mnist_root, tmp_path):
-    config = small_config(mnist_root, max_steps=100_000, checkpoint_every=100_000, max_minutes=10.0)
+def test_the_budget_counts_from_the_start_and_every_finished_step_counts(tiny_stage, tmp_path):
+    config = tiny_stage(max_steps=100_000, checkpoint_every=100_000, max_minutes=10.0)
     trainer = Trainer.from_config(config, tmp_path / "run")
     assert not trainer.out_of_time()
     trainer.deadline = time.monotonic() + 2.0  # as if two seconds of the budget were left
@@ -243,13 +230,13 @@ def test_the_budget_counts_from_the_start_and_every_finished_step_counts(mnist_r
 
 
 @pytest.mark.slow
-def test_compiled_channels_last_training_computes_the_same_loss(mnist_root, tmp_path):
+def test_compiled_channels_last_training_computes_the_same_loss(tiny_stage, tmp_path):
     """training.compile and training.channels_last change how the step runs, not what it computes:
     the same first batch gives the same loss, and training goes on (torch.compile takes about a
     minute on a 2-core CPU)."""
     losses = {}
     for name, fast in (("eager", False), ("compiled", True)):
-        config = small_config(mnist_root, max_steps=2, compile=fast, channels_last=fast)
+        config = tiny_stage(compile=fast, channels_last=fast)
         trainer = Trainer.from_config(config, tmp_path / name)
         trainer.train()
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
