@@ -114,6 +114,6 @@ def test_a_cascade_file_names_the_run_folders_to_sample(trained, tmp_path):
     stages = json.loads((tmp_path / "by_file" / "metadata.json").read_text())["stages"]
     assert [s["checkpoint"] for s in stages] == [str(latest_checkpoint(trained / n)) for n in ("base", "sr")]
     assert (tmp_path / "by_file" / "grid.png").read_bytes() == (tmp_path / "by_folder" / "grid.png").read_bytes()
-    both = python("sample_imagen.py", "--cascade", str(tmp_path / "cascade.yaml"), "--checkpoint", str(trained / "base"),
-                  *common, "--output-dir", str(tmp_path / "both"))
+    both = python("sample_imagen.py", "--cascade", str(tmp_path / "cascade.yaml"),
+                  "--checkpoint", str(trained / "base"), *common, "--output-dir", str(tmp_path / "both"))
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
