@@ -59,6 +59,7 @@ def test_bench_sample_rejects_a_bad_setting(trained):
     assert result.returncode == 2 and "SAMPLER:STEPS" in result.stderr
 
 
+@pytest.mark.slow
 def test_sampler_parity_compares_fast_settings_with_the_reference_and_resumes(trained, classifier, mnist_root,
                                                                                tmp_path):
     args = ["benchmarks/sampler_parity.py", "--checkpoints", str(trained / "base"), str(trained / "sr"),

@@ -153,6 +153,7 @@ def test_resuming_halfway_gives_bit_identical_weights(tiny_stage, tmp_path):
     assert torch.equal(straight.data_generator.get_state(), resumed.data_generator.get_state())
 
 
+@pytest.mark.slow
 def test_killed_runs_always_leave_a_loadable_checkpoint_and_resume(mnist_root, tmp_path):
     run_dir = tmp_path / "run"
 
