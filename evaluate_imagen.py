@@ -23,11 +23,20 @@ import json
 import sys
 from pathlib import Path
 
-from imagen.cli import add_debug_argument, add_stage_sources, per_stage_values, run_script, stage_folders
+from imagen.cli import (
+    add_debug_argument,
+    add_stage_sources,
+    check_seed,
+    per_stage_values,
+    run_script,
+    stage_folders,
+)
 from imagen.errors import ImagenError
 from imagen.io import atomic_write
 from imagen.samplers import SAMPLERS
 
+# What this script writes into --output-dir; --overwrite replaces exactly these.
+OUTPUTS = ("report.json", "sweep.csv", "sweep.png", "samples")
 CSV_COLUMNS = ("guidance", "prompt_accuracy", "words_accuracy", "numerals_accuracy", "fid", "fid_floor",
                "normalized_entropy", "seconds", "best")
 
@@ -99,19 +108,18 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ImagenError(f"--batch-size {args.batch_size}: expected a positive integer.")
+    check_seed(args.seed)
     sweep = per_stage_values(args.guidance_sweep, "--guidance-sweep", float)
     settings = {"guidance": per_stage_values(args.guidance, "--guidance", float),
                 "steps": per_stage_values(args.steps, "--steps", int),
                 "sampler": per_stage_values(args.sampler, "--sampler", str, tuple(SAMPLERS))}
-    output = Path(args.output_dir)
-    if (output / "report.json").exists() and not args.overwrite:
-        raise ImagenError(f"--output-dir {output} already holds an evaluation (report.json); pass --overwrite to "
-                          "replace it or choose another folder.")
-
     from imagen.cascade import load_stage, per_stage
     from imagen.classifier import load_or_train_classifier
     from imagen.evaluation import Evaluator, evaluation_prompts
-    from imagen.io import resolve_device, save_png
+    from imagen.io import new_results, prepare_output, resolve_device, save_png
+
+    output = Path(args.output_dir)
+    prepare_output(output, OUTPUTS, args.overwrite)
 
     evaluation_prompts(args.num_images)  # validates the count before anything is loaded
     device = resolve_device(args.device)
@@ -129,14 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     weights = sweep or [evaluator.guidance[0] if evaluator.guidance[0] is not None
                         else evaluator.cascade.stages[0].config.sampling.guidance]
 
-    def save_samples(weight: float, images) -> None:
-        save_png(images[:40], output / "samples" / f"guidance_{weight:g}.png", 10)
+    with new_results(output, OUTPUTS) as staging:  # they replace earlier ones once all are written
 
-    report = evaluator.evaluate(weights, on_images=save_samples, unconditional=not args.no_unconditional)
-    text = json.dumps(report, indent=1)
-    atomic_write(output / "report.json", text)
-    write_csv(report, output / "sweep.csv")
-    write_plot(report, output / "sweep.png")
+        def save_samples(weight: float, images) -> None:
+            save_png(images[:40], staging / "samples" / f"guidance_{weight:g}.png", 10)
+
+        report = evaluator.evaluate(weights, on_images=save_samples, unconditional=not args.no_unconditional)
+        text = json.dumps(report, indent=1)
+        atomic_write(staging / "report.json", text)
+        write_csv(report, staging / "sweep.csv")
+        write_plot(report, staging / "sweep.png")
     for result in report["results"]:
         print(f"guidance {result['guidance']:g}: prompt accuracy {result['prompt_accuracy']:.3f} "
               f"(words {result['words_accuracy']:.3f}, numerals {result['numerals_accuracy']:.3f}), "

@@ -20,7 +20,14 @@ import re
 import sys
 from pathlib import Path
 
-from imagen.cli import add_debug_argument, add_stage_sources, per_stage_values, run_script, stage_folders
+from imagen.cli import (
+    add_debug_argument,
+    add_stage_sources,
+    check_seed,
+    per_stage_values,
+    run_script,
+    stage_folders,
+)
 from imagen.diffusion import THRESHOLD_MODES
 from imagen.errors import ImagenError
 from imagen.samplers import SAMPLERS
@@ -32,13 +39,17 @@ def safe_name(prompt: str, limit: int = 40) -> str:
     return name or "empty"
 
 
+# What this script writes into --output-dir; --overwrite replaces exactly these.
+OUTPUTS = ("grid.png", "stage_*.png", "images", "metadata.json")
+
+
 def read_prompts(args) -> list[str]:
     if args.prompts_file is not None:
-        try:
-            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        try:  # utf-8-sig: a byte-order mark some editors write is not part of the first prompt
+            lines = Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ImagenError(f"--prompts-file {args.prompts_file}: cannot read it ({exc}).") from None
-        prompts = list(args.prompts or []) + lines
+            raise ImagenError(f"--prompts-file {args.prompts_file}: cannot read it as UTF-8 text ({exc}).") from None
+        prompts = list(args.prompts or []) + [line for line in lines if line.strip()]  # blank lines are no prompts
     else:
         prompts = list(args.prompts or [])
     if not prompts:
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ImagenError(f"--num-per-prompt {args.num_per_prompt}: expected a positive integer.")
     if args.batch_size is not None and args.batch_size < 1:
         raise ImagenError(f"--batch-size {args.batch_size}: expected a positive integer.")
+    check_seed(args.seed)
     if args.sample_aug_level is not None and not 0.0 <= args.sample_aug_level <= 1.0:
         raise ImagenError(f"--sample-aug-level {args.sample_aug_level}: expected a level in [0, 1].")
     settings = {
@@ -81,13 +93,11 @@ def main(argv: list[str] | None = None) -> None:
         "sampler": per_stage_values(args.sampler, "--sampler", str, tuple(SAMPLERS)),
         "thresholding": per_stage_values(args.thresholding, "--thresholding", str, THRESHOLD_MODES),
     }
-    output = Path(args.output_dir)
-    if (output / "metadata.json").exists() and not args.overwrite:
-        raise ImagenError(f"--output-dir {output} already holds samples (metadata.json); pass --overwrite to "
-                          "replace them or choose another folder.")
-
     from imagen.cascade import Cascade, per_stage
-    from imagen.io import atomic_write, save_png
+    from imagen.io import atomic_write, new_results, prepare_output, save_png
+
+    output = Path(args.output_dir)
+    prepare_output(output, OUTPUTS, args.overwrite)
 
     cascade = Cascade.from_checkpoints(stage_folders(args, "--checkpoint"), device=args.device, weights=args.weights)
     count = len(cascade.stages)
@@ -103,40 +113,41 @@ def main(argv: list[str] | None = None) -> None:
                             batch_size=args.batch_size, progress=True)
 
     columns = args.num_per_prompt if args.num_per_prompt > 1 else min(10, len(all_prompts))
-    save_png(result.images, output / "grid.png", columns)
-    for index, images in enumerate(result.stages):
-        save_png(images, output / f"stage_{index}.png", columns)
-    width = len(str(len(all_prompts) - 1))
-    files = []
-    for index, (prompt, image) in enumerate(zip(all_prompts, result.images)):
-        path = output / "images" / f"{index:0{width}d}_{safe_name(prompt)}.png"
-        save_png(image[None], path, 1)
-        files.append(str(path.relative_to(output)))
-    metadata = {
-        "prompts": prompts,
-        "num_per_prompt": args.num_per_prompt,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "device": str(cascade.device),
-        "weights": args.weights,
-        "stages": [
-            {
-                "checkpoint": str(stage.checkpoint),
-                "step": stage.step,
-                "image_size": stage.config.unet.image_size,
-                "guidance": (resolved["guidance"][i] if resolved["guidance"][i] is not None
-                             else stage.config.sampling.guidance),
-                "steps": resolved["steps"][i] or stage.config.sampling.steps,
-                "sampler": resolved["sampler"][i] or stage.config.sampling.sampler,
-                "thresholding": resolved["thresholding"][i] or stage.config.thresholding.mode,
-                **({"sample_aug_level": args.sample_aug_level if args.sample_aug_level is not None
-                    else stage.config.super_resolution.sample_aug_level} if stage.config.super_resolution else {}),
-            }
-            for i, stage in enumerate(cascade.stages)
-        ],
-        "images": files,
-    }
-    atomic_write(output / "metadata.json", json.dumps(metadata, indent=1, ensure_ascii=False))
+    with new_results(output, OUTPUTS) as staging:  # they replace earlier ones once all are written
+        save_png(result.images, staging / "grid.png", columns)
+        for index, images in enumerate(result.stages):
+            save_png(images, staging / f"stage_{index}.png", columns)
+        width = len(str(len(all_prompts) - 1))
+        files = []
+        for index, (prompt, image) in enumerate(zip(all_prompts, result.images)):
+            path = Path("images") / f"{index:0{width}d}_{safe_name(prompt)}.png"
+            save_png(image[None], staging / path, 1)
+            files.append(str(path))
+        metadata = {
+            "prompts": prompts,
+            "num_per_prompt": args.num_per_prompt,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "device": str(cascade.device),
+            "weights": args.weights,
+            "stages": [
+                {
+                    "checkpoint": str(stage.checkpoint),
+                    "step": stage.step,
+                    "image_size": stage.config.unet.image_size,
+                    "guidance": (resolved["guidance"][i] if resolved["guidance"][i] is not None
+                                 else stage.config.sampling.guidance),
+                    "steps": resolved["steps"][i] or stage.config.sampling.steps,
+                    "sampler": resolved["sampler"][i] or stage.config.sampling.sampler,
+                    "thresholding": resolved["thresholding"][i] or stage.config.thresholding.mode,
+                    **({"sample_aug_level": args.sample_aug_level if args.sample_aug_level is not None
+                        else stage.config.super_resolution.sample_aug_level} if stage.config.super_resolution else {}),
+                }
+                for i, stage in enumerate(cascade.stages)
+            ],
+            "images": files,
+        }
+        atomic_write(staging / "metadata.json", json.dumps(metadata, indent=1, ensure_ascii=False))
     print(f"wrote {len(files)} images to {output}")
 
 

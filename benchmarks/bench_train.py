@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise ImagenError(f"--steps {args.steps} / --warmup {args.warmup}: expected steps >= 1 and warmup >= 0.")
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
         raise ImagenError(f"--peak-tflops {args.peak_tflops}: expected a positive number of TFLOP/s.")
     config = load_config_from_args(args)
     print(json.dumps(measure(config, args.steps, args.warmup, args.peak_tflops), indent=1))

@@ -25,7 +25,7 @@ from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, seeded_generator
 from imagen.stage import build_diffusion, build_network, sample_stage
-from imagen.text import EncodedText, TextEmbeddingCache
+from imagen.text import EncodedText, TextEmbeddingCache, check_text_probes, probe_embeddings
 
 T = TypeVar("T")
 
@@ -91,6 +91,7 @@ class Cascade:
                           super_resolution_first)
         self.stages = list(stages)
         self._text_caches: dict[tuple, TextEmbeddingCache] = {}
+        self._checked: set[Path] = set()  # checkpoints whose text encoder was compared with this machine's
 
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | Path], device: str = "auto", weights: str = "ema") -> "Cascade":
@@ -102,12 +103,17 @@ class Cascade:
         return next(self.stages[0].network.parameters()).device
 
     def encode(self, stage: Stage, prompts: Sequence[str]) -> EncodedText:
-        """Text for one stage; stages sharing an encoder share its cache."""
+        """Text for one stage; stages sharing an encoder share its cache. The first time, the
+        stage's checkpoint is checked to have been trained with this very encoder."""
         encoder = stage.config.text_encoder
-        key = (encoder.name, encoder.max_length, encoder.dtype)
+        key = (encoder.name, encoder.max_length, encoder.dtype, encoder.normalize)
         if key not in self._text_caches:
             self._text_caches[key] = TextEmbeddingCache.from_config(encoder)
-        return self._text_caches[key].encode(prompts)
+        cache = self._text_caches[key]
+        if stage.checkpoint not in self._checked:
+            check_text_probes(stage.checkpoint, encoder.name, probe_embeddings(cache))
+            self._checked.add(stage.checkpoint)
+        return cache.encode(prompts)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], *, guidance=None, steps=None, sampler=None, thresholding=None,

@@ -93,14 +93,28 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}).") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); {DAMAGED}") from None
+
+
+# What to do about a damaged checkpoint, said by every error about one.
+DAMAGED = ("the checkpoint is damaged (e.g. a truncated copy); use an earlier checkpoints/step_N folder of the "
+           "run, or --resume, which falls back to the newest intact checkpoint.")
+REQUIRED_STATE = ("step", "text_dim")
 
 
 def load_state(folder: str | os.PathLike) -> dict:
+    """A checkpoint's ``state.json``, checked to hold what loading needs."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a complete checkpoint (no {STATE_FILE}).")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc}); {DAMAGED}") from None
+    missing = [key for key in REQUIRED_STATE if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; {DAMAGED}")
+    return state
 
 
 def load_weights_strictly(module: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -121,7 +135,21 @@ def load_weights_strictly(module: torch.nn.Module, path: str | os.PathLike) -> N
             f"{path}: the weights do not fit the network built from the config ({details}). "
             "The checkpoint comes from a different architecture or stage."
         )
+    check_finite_weights(tensors, path)
     module.load_state_dict(tensors, strict=True)
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuse weights with NaN or infinite values: they come from a run that diverged."""
+    floats = [t for t in tensors.values() if t.is_floating_point()]
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in floats)
+    if bad:
+        total = sum(t.numel() for t in floats)
+        raise CheckpointError(
+            f"{source}: {bad} of {total} weights are NaN or infinite: the run had diverged when this checkpoint "
+            "was written, and sampling from it gives blank images. Use an earlier checkpoints/step_N folder, "
+            "or --resume, which falls back to the newest checkpoint with finite weights."
+        )
 
 
 def flatten_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

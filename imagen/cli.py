@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from imagen.config import StageConfig, load_cascade_config, load_stage_config
+from imagen.config import MAX_SEED, StageConfig, load_cascade_config, load_stage_config
 from imagen.errors import ImagenError
 
 
@@ -69,10 +70,15 @@ def per_stage_values(text: str | None, name: str, kind: type, choices=None) -> l
             raise ImagenError(f"{name} {text}: unknown {value!r}; expected one of {', '.join(choices)}.")
         if kind is int and value < 1:
             raise ImagenError(f"{name} {text}: step counts must be positive integers.")
-        if kind is float and value < 0:
-            raise ImagenError(f"{name} {text}: guidance weights must be >= 0.")
+        if kind is float and not (math.isfinite(value) and value >= 0):
+            raise ImagenError(f"{name} {text}: guidance weights must be finite numbers >= 0.")
         values.append(value)
     return values
+
+
+def check_seed(seed: int, name: str = "--seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ImagenError(f"{name} {seed}: expected a seed in 0..{MAX_SEED}.")
 
 
 def run_script(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:

@@ -19,9 +19,16 @@ from typing import Any, Literal, Optional, Sequence, Union
 from imagen.io import atomic_write
 from imagen.loader import ConfigError, build, read_yaml_file, require, to_dict, to_yaml
 
+# Seeds also seed NumPy (through accelerate), which takes 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
 
 def _check_probability(value: float, key: str) -> None:
     require(0.0 <= value <= 1.0, key, "a probability in [0, 1]")
+
+
+def _check_seed(value: int, key: str) -> None:
+    require(0 <= value <= MAX_SEED, key, f"a seed in 0..{MAX_SEED}")
 
 
 # --------------------------------------------------------------------------- sections
@@ -33,11 +40,21 @@ class TextEncoderConfig:
     (a small random T5 built offline, see :mod:`imagen.text`)."""
 
     name: str = "tiny"
+    # How prompts are normalised before tokenizing, in training and sampling alike
+    # (imagen.captions.normalize_prompt): none, spacing (NFKC, single spaces) or plain
+    # (spacing, lowercase, no punctuation). auto: plain for the tiny T5, whose tokenizer
+    # has never seen "Seven" or "7.", and spacing for a real T5, whose pretraining covers
+    # case and punctuation. A saved config records the resolved choice.
+    normalize: Literal["auto", "none", "spacing", "plain"] = "auto"
     max_length: int = 77
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     # Folder for the on-disk embedding cache; null keeps the cache in memory only.
     embedding_cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.normalize == "auto":
+            self.normalize = "plain" if self.name == "tiny" else "spacing"
 
     def validate(self) -> None:
         require(self.name.strip() != "", "name", "a Hugging Face T5 id, a local folder or 'tiny'")
@@ -82,7 +99,7 @@ class UNetConfig:
 
     def validate(self) -> None:
         require(self.image_size >= 1, "image_size", "a positive integer")
-        require(self.channels >= 1, "channels", "a positive integer (1 for grey, 3 for RGB)")
+        require(self.channels in (1, 3), "channels", "1 (grey) or 3 (RGB)")
         require(self.base_channels >= 1, "base_channels", "a positive integer")
         require(
             len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
@@ -276,6 +293,7 @@ class DataConfig:
 
     def validate(self) -> None:
         require(self.root.strip() != "", "root", "a folder path")
+        _check_seed(self.seed, "seed")
 
 
 @dataclass
@@ -335,6 +353,7 @@ class TrainingConfig:
         require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "a positive number or null")
         require(0.0 <= self.ema_decay < 1.0, "ema_decay", "a number in [0, 1)")
         require(self.output_dir.strip() != "", "output_dir", "a folder path")
+        _check_seed(self.seed, "seed")
         require(
             len(self.sample_guidance) >= 1 and all(w >= 0 for w in self.sample_guidance),
             "sample_guidance",

@@ -50,8 +50,16 @@ def load_mnist(root: str | Path, split: str = "train", download: bool = False) -
     from torchvision.datasets import MNIST
 
     raw = Path(root) / "MNIST" / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    files = f"{raw / prefix}-images-idx3-ubyte and {prefix}-labels-idx1-ubyte"
     try:
         mnist = MNIST(str(root), train=split == "train", download=download)
+    except (AssertionError, ValueError, IndexError) as exc:  # what torchvision's idx reader raises on bad bytes
+        raise DataError(
+            f"data.root {str(root)!r}: the MNIST {split} files ({files}) are not valid idx files "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200] or 'bad header'}); replace them with intact "
+            "copies (delete them to download them again with data.download: true)."
+        ) from None
     except (RuntimeError, OSError) as exc:
         reason = " ".join(str(exc).split())[:300]
         if download:
@@ -67,6 +75,11 @@ def load_mnist(root: str | Path, split: str = "train", download: bool = False) -
             "files (e.g. train-images-idx3-ubyte); point data.root at such a folder (offline copy: "
             "../shared/data) or set data.download: true on a machine with internet access."
         ) from None
+    if len(mnist.data) != len(mnist.targets) or mnist.data.shape[1:] != (28, 28):
+        raise DataError(
+            f"data.root {str(root)!r}: the MNIST {split} files ({files}) do not match: {len(mnist.data)} images of "
+            f"{tuple(mnist.data.shape[1:])} pixels but {len(mnist.targets)} labels; replace them with intact copies."
+        )
     return mnist.data.unsqueeze(1), mnist.targets.long()
 
 
@@ -145,6 +158,17 @@ class MNISTTextDataset(Dataset):
         return images[0], self.prompts[int(prompt_indices[0])]
 
 
+def read_caption(path: Path) -> str:
+    """A caption file's text, stripped; a UTF-8 BOM is allowed, other encodings are refused."""
+    try:
+        return path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: the caption is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                        "UTF-8.") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the caption ({exc.strerror}).") from None
+
+
 class CaptionFolderDataset(Dataset):
     """A folder of images, each with a caption in a ``.txt`` file of the same name.
 
@@ -168,7 +192,7 @@ class CaptionFolderDataset(Dataset):
                 f"data.root {str(root)!r}: {len(uncaptioned)} image(s) have no caption file, e.g. "
                 f"{uncaptioned[0]} needs {uncaptioned[0].with_suffix('.txt')} holding its caption."
             )
-        captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.image_paths]
+        captions = [read_caption(p.with_suffix(".txt")) for p in self.image_paths]
         self.prompts = list(dict.fromkeys(captions))
         position = {caption: index for index, caption in enumerate(self.prompts)}
         self.prompt_indices = torch.tensor([position[caption] for caption in captions], dtype=torch.long)

@@ -12,18 +12,30 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
+from imagen.errors import ImagenError
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` means CUDA when available, else CPU."""
+
+def resolve_device(device: str | torch.device, setting: str = "--device") -> torch.device:
+    """``auto`` means CUDA when available, else CPU. A CUDA device this machine lacks is an
+    error naming ``setting`` (the argument or config key the device came from)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            gpus = f"{count or 'no'} CUDA GPU{'' if count == 1 else 's'}"
+            raise ImagenError(f"{setting} {device}: this machine has {gpus} that PyTorch can use; use cpu, auto or "
+                              "an existing cuda:N.")
+    return device
 
 
 def resolve_mixed_precision(setting: str, device: torch.device) -> str:
@@ -111,3 +123,46 @@ def save_png(rows: torch.Tensor | Sequence[torch.Tensor], path: Path, columns: i
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write(path, buffer.getvalue())
+
+
+def prepare_output(output: Path, owned: Sequence[str], overwrite: bool, setting: str = "--output-dir") -> None:
+    """Check, before any work, that results can go to the folder ``output``: it is a folder (or
+    can be made one) and, unless ``overwrite``, holds none of the files the patterns ``owned``
+    name (earlier results of the same script)."""
+    if output.exists() and not output.is_dir():
+        raise ImagenError(f"{setting} {output} is a file, not a folder; choose a folder for the results.")
+    earlier = sorted(path.name for pattern in owned for path in output.glob(pattern))
+    if earlier and not overwrite:
+        raise ImagenError(f"{setting} {output} already holds results ({', '.join(earlier[:4])}); pass --overwrite "
+                          "to replace them or choose another folder.")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ImagenError(f"{setting} {output}: cannot create the folder ({error.strerror}).") from None
+
+
+@contextmanager
+def new_results(output: Path, owned: Sequence[str]) -> Iterator[Path]:
+    """A hidden folder inside ``output`` to write a script's results into; when the block ends
+    without error they replace the earlier results in ``output`` (see :func:`publish`), and
+    after an error they are discarded and ``output`` is as it was."""
+    staging = Path(tempfile.mkdtemp(prefix=".new-", dir=output))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, output, owned)
+
+
+def publish(staging: Path, output: Path, owned: Sequence[str]) -> None:
+    """Move the results written to ``staging`` into ``output``, replacing earlier results there
+    (every file or folder the patterns ``owned`` name, so none is left stale). Nothing is
+    deleted before the new results are in place; other files in ``output`` stay."""
+    replaced = Path(tempfile.mkdtemp(prefix=".replaced-", dir=output))
+    for path in [path for pattern in owned for path in output.glob(pattern)]:
+        os.replace(path, replaced / path.name)
+    for path in staging.iterdir():
+        os.replace(path, output / path.name)
+    staging.rmdir()
+    shutil.rmtree(replaced)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -52,7 +53,7 @@ def _describe(annotation: Any) -> str:
     if annotation is int:
         return "an integer"
     if annotation is float:
-        return "a number"
+        return "a finite number"
     if annotation is str:
         return "a string"
     if origin is Literal:
@@ -111,7 +112,8 @@ def _convert(annotation: Any, value: Any, path: str, ctx: _Context) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # .nan and .inf are YAML floats too; no setting here means anything by them.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif annotation is str:
         if isinstance(value, str):

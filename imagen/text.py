@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from imagen.captions import DIGIT_WORDS
+from imagen.captions import DIGIT_WORDS, normalize_prompt, shorten
 from imagen.errors import ImagenError
 from imagen.io import atomic_write, cache_root, resolve_device, to_host
 
@@ -171,7 +171,7 @@ class T5TextEncoder:
 
         self.name = name
         self.max_length = max_length
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, "text_encoder.device")
         source = tiny_t5_folder() if name == TINY_T5_NAME else os.path.expanduser(name)
         if name.startswith(("/", "./", "../", "~")) and not Path(source).is_dir():
             raise TextEncoderError(
@@ -200,16 +200,23 @@ class T5TextEncoder:
         return self.model.config.d_model
 
     def encode(self, prompts: Sequence[str]) -> EncodedText:
-        """Encode ``prompts`` -> embeddings (B, max_length, D) float32 on the CPU, mask (B, max_length)."""
+        """Encode ``prompts`` -> embeddings (B, max_length, D) float32 on the CPU, mask (B, max_length).
+
+        Prompts longer than ``max_length`` tokens are truncated, and text the tokenizer does
+        not know becomes ``<unk>``; both with a warning that names the prompt.
+        """
         prompts = list(prompts)
-        lengths = self.tokenizer(prompts, truncation=False)["input_ids"]
-        for prompt, ids in zip(prompts, lengths):
+        tokenized = self.tokenizer(prompts, truncation=False, return_offsets_mapping=True)
+        for prompt, ids, offsets in zip(prompts, tokenized["input_ids"], tokenized["offset_mapping"]):
             if len(ids) > self.max_length:
-                warnings.warn(
-                    f"prompt {prompt!r} has {len(ids)} tokens; it is truncated to "
-                    f"text_encoder.max_length={self.max_length}.",
-                    stacklevel=2,
-                )
+                warnings.warn(f"prompt {shorten(prompt)} has {len(ids)} tokens; it is truncated to "
+                              f"text_encoder.max_length={self.max_length}.", stacklevel=2)
+            unknown = [prompt[start:end] for token, (start, end) in zip(ids, offsets)
+                       if token == self.tokenizer.unk_token_id]
+            if unknown:
+                warnings.warn(f"prompt {shorten(prompt)}: the {self.name} tokenizer does not know "
+                              f"{', '.join(repr(part) for part in unknown[:5])}, which it reads as <unk>.",
+                              stacklevel=2)
         batch = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
@@ -225,10 +232,12 @@ class T5TextEncoder:
 class TextEmbeddingCache:
     """Serves T5 embeddings per prompt, encoding each unique prompt once.
 
-    Embeddings live in memory and, with ``disk_dir``, also as one safetensors file per
-    prompt keyed by encoder identity, dtype, max_length and prompt, so later runs never
-    load the encoder at all. The encoder is created lazily by ``load_encoder`` on the
-    first prompt that is in neither place, and :meth:`release_encoder` frees it.
+    Every prompt is first normalised (``normalize``, see ``imagen.captions.normalize_prompt``),
+    so prompts that read the same share one entry. Embeddings live in memory and, with
+    ``disk_dir``, also as one safetensors file per prompt keyed by encoder identity, dtype,
+    max_length and normalised prompt, so later runs never load the encoder at all. The
+    encoder is created lazily by ``load_encoder`` on the first prompt that is in neither
+    place, and :meth:`release_encoder` frees it.
     """
 
     def __init__(
@@ -238,8 +247,10 @@ class TextEmbeddingCache:
         max_length: int,
         disk_dir: str | Path | None = None,
         encode_batch_size: int = 64,
+        normalize: str = "none",
     ):
         self._load_encoder = load_encoder
+        self.normalize = normalize
         self._encoder: T5TextEncoder | None = None
         self.identity = identity
         self.max_length = max_length
@@ -255,6 +266,7 @@ class TextEmbeddingCache:
             identity=f"{encoder_identity(config.name)}|{config.dtype}",
             max_length=config.max_length,
             disk_dir=config.embedding_cache_dir,
+            normalize=config.normalize,
         )
 
     @property
@@ -292,7 +304,8 @@ class TextEmbeddingCache:
 
     def precompute(self, prompts: Sequence[str]) -> None:
         """Make sure every prompt is cached, encoding the missing ones in batches."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._memory]
+        missing = [p for p in dict.fromkeys(normalize_prompt(p, self.normalize) for p in prompts)
+                   if p not in self._memory]
         if self.disk_dir is not None:
             for prompt in list(missing):
                 tokens = self._read_disk(prompt)
@@ -312,7 +325,7 @@ class TextEmbeddingCache:
         """Embeddings (B, max_length, D) and mask (B, max_length) for ``prompts``, from the cache."""
         prompts = list(prompts)
         self.precompute(prompts)
-        stored = [self._memory[p] for p in prompts]
+        stored = [self._memory[normalize_prompt(p, self.normalize)] for p in prompts]
         dim = stored[0].shape[-1] if stored else 0
         embeddings = torch.zeros(len(prompts), self.max_length, dim)
         mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
@@ -320,3 +333,55 @@ class TextEmbeddingCache:
             embeddings[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = True
         return EncodedText(embeddings, mask)
+
+
+# Prompts whose embeddings identify the encoder a checkpoint was trained with.
+PROBE_PROMPTS = ("seven", "3", "a handwritten nine", "the digit 0")
+# Cosine similarity of each probe's embeddings below which two encoders differ: precision
+# changes (bf16 against float32) stay above 0.999, other weights or tokenizers fall far below.
+SAME_ENCODER = 0.99
+
+
+def probe_embeddings(cache: TextEmbeddingCache) -> EncodedText:
+    """The encoder's embeddings of :data:`PROBE_PROMPTS`, cut to the longest probe's tokens."""
+    with warnings.catch_warnings():  # a short max_length truncates them: the same then and now
+        warnings.simplefilter("ignore")
+        probes = cache.encode(PROBE_PROMPTS)
+    length = int(probes.mask.sum(dim=1).max())
+    return EncodedText(probes.embeddings[:, :length].contiguous(), probes.mask[:, :length].contiguous())
+
+
+def encoder_difference(saved: EncodedText, current: EncodedText) -> str | None:
+    """Why the probe embeddings ``saved`` with a checkpoint and ``current`` ones come from
+    different encoders, or None when they agree."""
+    if saved.mask.shape != current.mask.shape or not torch.equal(saved.mask, current.mask):
+        return (f"the probe prompts split into {saved.mask.sum(dim=1).tolist()} tokens then and "
+                f"{current.mask.sum(dim=1).tolist()} now: the tokenizer differs")
+    for prompt, before, after, mask in zip(PROBE_PROMPTS, saved.embeddings, current.embeddings, saved.mask):
+        similarity = float(torch.nn.functional.cosine_similarity(before[mask].flatten(), after[mask].flatten(), dim=0))
+        if similarity < SAME_ENCODER:
+            return f"the embeddings of {prompt!r} have cosine similarity {similarity:.3f} to those it was trained with"
+    return None
+
+
+PROBES_FILE = "text_probes.safetensors"
+
+
+def check_text_probes(checkpoint: Path, name: str, current: EncodedText) -> None:
+    """Refuse ``checkpoint`` when the probe embeddings saved with it (``text_probes.safetensors``)
+    differ from ``current``, this machine's encoder's. Checkpoints from before probes pass."""
+    from imagen.checkpoint import CheckpointError, load_tensors
+
+    path = Path(checkpoint) / PROBES_FILE
+    if not path.is_file():
+        return
+    saved = load_tensors(path)
+    difference = encoder_difference(EncodedText(saved["embeddings"], saved["mask"]), current)
+    if difference:
+        raise CheckpointError(
+            f"{checkpoint} was trained with text encoder {name!r}, but this machine's {name!r} is a different "
+            f"model: {difference}. The checkpoint would draw images for the wrong text. Use the encoder it was "
+            "trained with: for tiny, copy the training machine's tiny-t5-v1 folder from its $IMAGEN_CACHE_DIR "
+            "(default ~/.cache/imagen-mnist) into this machine's, or install the transformers and tokenizers "
+            "versions that built it; for a Hugging Face T5, the same revision."
+        )

@@ -7,6 +7,7 @@ optimizer), so the number compares across frameworks and hardware.
 
 from __future__ import annotations
 
+import os
 import resource
 
 import torch
@@ -72,3 +73,38 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """What the device holds in all: a GPU's memory, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(config: StageConfig, text_dim: int, device: torch.device) -> None:
+    """Refuse a stage that can never fit on ``device``, before anything is allocated.
+
+    The floor counted is the float32 weights, their gradients, Adam's two moments and the
+    EMA copy (five times the parameters), plus one batch of images. Real training needs
+    several times that (activations), so only the clearly impossible is refused.
+    """
+    from imagen.errors import ImagenError
+    from imagen.stage import build_network
+
+    training, unet = config.training, config.unet
+    try:
+        with torch.device("meta"):  # shapes only, whatever the size
+            parameters = sum(p.numel() for p in build_network(config, text_dim).parameters())
+    except (RuntimeError, OverflowError, MemoryError) as error:
+        raise ImagenError(f"unet.base_channels={unet.base_channels} with unet.channel_mults={unet.channel_mults}: "
+                          f"the network is too large to build ({error}).") from None
+    batch = training.batch_size * unet.channels * unet.image_size**2
+    needed = 4 * (5 * parameters + batch)
+    available = device_memory_bytes(device) if device.type != "meta" else needed
+    if needed > available:
+        raise ImagenError(
+            f"unet.base_channels={unet.base_channels} and training.batch_size={training.batch_size} need at least "
+            f"{needed / 2**30:,.1f} GiB ({parameters:,} parameters with gradients, Adam state and EMA, and one batch "
+            f"of images), but the {device.type} has {available / 2**30:,.1f} GiB; choose smaller values."
+        )

@@ -14,7 +14,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from imagen.captions import DIGIT_WORDS, digit_prompts
 from imagen.checkpoint import (
-    CHECKPOINTS,
+    CheckpointError,
     checkpoint_folder,
     flatten_state,
     latest_checkpoint,
@@ -41,14 +40,11 @@ from imagen.data import MNISTTextDataset, build_dataset
 from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, resolve_mixed_precision, save_png, seeded_generator, to_host
+from imagen.run_folder import CONFIG_FILE, METRICS_FILE, SAMPLES, check_run_folder, remove_run_files
 from imagen.stage import build_diffusion, build_network, sample_stage, training_losses
 from imagen.super_resolution import downsample
-from imagen.text import EncodedText, TextEmbeddingCache
-from imagen.throughput import peak_memory_mb
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SAMPLES = "samples"
+from imagen.text import EncodedText, TextEmbeddingCache, check_text_probes, probe_embeddings
+from imagen.throughput import check_memory, peak_memory_mb
 
 
 class TrainingError(ImagenError):
@@ -134,44 +130,18 @@ def grid_examples(dataset, super_resolution: bool) -> tuple[list[str], torch.Ten
     return prompts, dataset.get_batch(indices)[0]
 
 
-def encode_prompts(config: StageConfig, dataset) -> tuple[EncodedText, GridExamples]:
-    """The text of every distinct prompt of ``dataset`` (rows in ``dataset.prompts`` order) and
-    the grid examples, encoded once; the encoder is released afterwards."""
+def encode_prompts(config: StageConfig, dataset) -> tuple[EncodedText, GridExamples, EncodedText]:
+    """The text of every distinct prompt of ``dataset`` (rows in ``dataset.prompts`` order), the
+    grid examples and the encoder's probe embeddings (its fingerprint), encoded once; the
+    encoder is released afterwards."""
     cache = TextEmbeddingCache.from_config(config.text_encoder)
     grid_prompts, grid_images = grid_examples(dataset, config.is_super_resolution)
     cache.precompute(dataset.prompts + grid_prompts)
     table = cache.encode(dataset.prompts)
     grid = GridExamples(grid_prompts, cache.encode(grid_prompts), grid_images)
+    probes = probe_embeddings(cache)
     cache.release_encoder()  # the encoder never runs inside a training step
-    return table, grid
-
-
-RUN_CONTENTS = (CONFIG_FILE, CHECKPOINTS, SAMPLES, METRICS_FILE)
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Path | None:
-    """Refuse to start a new run over an existing one unless told to overwrite it;
-    on resume, return the run's latest complete checkpoint."""
-    if resume and overwrite:
-        raise TrainingError("--resume and --overwrite contradict each other; give one of them.")
-    has_run = any((run_dir / name).exists() for name in RUN_CONTENTS)
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise TrainingError(f"--resume: {run_dir} holds no complete checkpoint to resume from.")
-        return checkpoint
-    if has_run and not overwrite:
-        raise TrainingError(
-            f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose "
-            "another --output-dir."
-        )
-    for name in RUN_CONTENTS if overwrite else ():
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    return None
+    return table, grid, probes
 
 
 def make_accelerator(config: StageConfig, run_dir: Path):
@@ -204,7 +174,8 @@ class Trainer:
 
     def __init__(self, config: StageConfig, run_dir: str | Path, *, network: nn.Module,
                  diffusion: GaussianDiffusion, dataset, text_table: EncodedText, grid: GridExamples,
-                 accelerator=None, device: torch.device | str | None = None, started: float | None = None):
+                 text_probes: EncodedText | None = None, accelerator=None, device: torch.device | str | None = None,
+                 started: float | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
         training = config.training
@@ -220,6 +191,7 @@ class Trainer:
         self.dataset = dataset
         self.text_table = text_table.to(self.device)
         self.grid = grid
+        self.text_probes = text_probes  # saved with every checkpoint, compared on loading
         self.text_dim = text_table.embeddings.shape[-1]
         self.diffusion = diffusion
         network = network.to(self.device, memory_format=self.memory_format)
@@ -238,8 +210,6 @@ class Trainer:
         self.first_bad_loss = torch.zeros(2, device=self.device)  # (step, loss) of the first non-finite loss
         self.interval = self._new_interval()
         self.epoch = 0  # the dataset starts at epoch 0; MNIST redraws word/numeral prompts per epoch
-        if training.tensorboard:
-            self.accelerator.init_trackers("tensorboard")
 
     @classmethod
     def from_config(cls, config: StageConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
@@ -250,18 +220,24 @@ class Trainer:
 
         started = time.monotonic()  # training.max_minutes counts the setup too
         run_dir = Path(run_dir)
-        resume_from = prepare_run_dir(run_dir, resume, overwrite)
+        # Nothing in run_dir changes until the new run is built: an old run is replaced only then.
+        resume_from = check_run_folder(run_dir, resume, overwrite)
         accelerator = make_accelerator(config, run_dir)
         set_seed(config.training.seed)
         device = torch.device(device) if device is not None else accelerator.device
         dataset = build_dataset(config.data, config.unet.image_size, config.unet.channels, device)
-        text_table, grid = encode_prompts(config, dataset)
-        trainer = cls(config, run_dir, network=build_network(config, text_table.embeddings.shape[-1]),
-                      diffusion=build_diffusion(config), dataset=dataset, text_table=text_table, grid=grid,
-                      accelerator=accelerator, device=device, started=started)
-        if resume_from is not None:
-            trainer.load(resume_from)
+        text_table, grid, probes = encode_prompts(config, dataset)
+        text_dim = text_table.embeddings.shape[-1]
+        check_memory(config, text_dim, device)
+        trainer = cls(config, run_dir, network=build_network(config, text_dim), diffusion=build_diffusion(config),
+                      dataset=dataset, text_table=text_table, grid=grid, text_probes=probes, accelerator=accelerator,
+                      device=device, started=started)
+        trainer.check_batch()
+        if resume_from:
+            trainer.resume(resume_from)
         elif accelerator.is_main_process:
+            if overwrite:
+                remove_run_files(run_dir)
             save_config(config, run_dir / CONFIG_FILE)
         return trainer
 
@@ -272,6 +248,7 @@ class Trainer:
         folder = checkpoint_folder(self.run_dir, self.step)
         if not self.accelerator.is_main_process:
             return folder
+        self.check_weights()
         optimizer_tensors, optimizer_skeleton = flatten_state(self.optimizer.state_dict())
         rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
                "noise": self.noise_generator.get_state()}  # generator states are CPU byte tensors, also for CUDA
@@ -290,12 +267,32 @@ class Trainer:
             "optimizer": optimizer_tensors,
             "rng": rng,
         }
+        if self.text_probes is not None:
+            tensors["text_probes"] = dict(self.text_probes._asdict())
         return save_checkpoint(folder, tensors, state, {CONFIG_FILE: config_to_yaml(self.config)},
                                keep=self.config.training.keep_checkpoints)
 
+    def resume(self, checkpoints: list[Path]) -> Path:
+        """Continue from the newest of ``checkpoints`` (newest first) that loads; damaged ones
+        are skipped with a message saying why, and left in place."""
+        reasons = []
+        for folder in checkpoints:
+            try:
+                self.load(folder)
+            except CheckpointError as error:
+                reasons.append(f"{folder.name}: {error}")
+                self.accelerator.print(f"skipping damaged checkpoint {folder} ({error})")
+                continue
+            if reasons:
+                self.accelerator.print(f"resuming from {folder}")
+            return folder
+        raise TrainingError(f"--resume: no checkpoint of {self.run_dir} can be loaded. " + " ".join(reasons))
+
     def load(self, folder: Path) -> None:
-        """Continue from checkpoint ``folder``: weights, EMA, optimizer, schedule, random state."""
+        """Continue from checkpoint ``folder``: weights, EMA, optimizer, schedule, random state.
+        A checkpoint made with another text encoder is refused."""
         state = load_state(folder)
+        self.check_encoder(folder)
         saved = load_stage_config(folder / CONFIG_FILE)
         before = _flat(config_to_dict(saved))
         changed = [key for key, value in _flat(config_to_dict(self.config)).items() if before.get(key) != value]
@@ -368,13 +365,46 @@ class Trainer:
         self.accelerator.backward(loss)
         return losses
 
+    def check_encoder(self, folder: Path) -> None:
+        """Refuse a checkpoint whose text encoder gives other embeddings than this run's."""
+        if self.text_probes is None:
+            return
+        try:
+            check_text_probes(folder, self.config.text_encoder.name, self.text_probes)
+        except CheckpointError as error:  # every checkpoint of the run shares the encoder: no fallback
+            raise TrainingError(str(error)) from None
+
+    def check_weights(self) -> None:
+        """Stop, before anything is written, if a weight of the network or its EMA is NaN or infinite."""
+        network = self.accelerator.unwrap_model(self.network)
+        parameters = list(network.parameters()) + list(self.ema.network.parameters())
+        bad = torch.stack([(~torch.isfinite(p)).sum() for p in parameters]).sum()  # one read of the device
+        if int(to_host(bad)):
+            raise TrainingError(
+                f"the weights became NaN or infinite by step {self.step} (the loss may still have been finite); "
+                f"training stopped without writing a checkpoint. {self._kept()} Try a lower training.lr, "
+                "training.grad_clip, or mixed_precision: no."
+            )
+
+    def _kept(self) -> str:
+        kept = latest_checkpoint(self.run_dir)
+        return f"The newest good checkpoint, {kept}, is kept." if kept else "No checkpoint had been written yet."
+
+    def check_batch(self) -> None:
+        """Assemble one batch the way training does, so a dataset that cannot give one fails
+        before anything is written (the data generator is not advanced)."""
+        indices = torch.arange(self.config.training.batch_size) % len(self.dataset)
+        images, prompt_indices = self.dataset.get_batch(indices)
+        self.text_table.rows(prompt_indices.to(self.device))
+        images.to(self.device)
+
     def check_finite(self) -> None:
         """Stop, before anything is written, if a loss since the start was NaN or infinite."""
         step, value = to_host(self.first_bad_loss).tolist()
         if step:
             raise TrainingError(
-                f"the loss became {value} at step {int(step)}; training stopped without writing a checkpoint "
-                "(the last good one is kept). Try a lower training.lr or mixed_precision: no."
+                f"the loss became {value} at step {int(step)}; training stopped without writing a checkpoint. "
+                f"{self._kept()} Try a lower training.lr or mixed_precision: no."
             )
 
     def out_of_time(self) -> bool:
@@ -424,6 +454,8 @@ class Trainer:
         training = self.config.training
         accelerator = self.accelerator
         stop = training.max_steps if until is None else min(until, training.max_steps)
+        if training.tensorboard:
+            accelerator.init_trackers("tensorboard")
         self.network.train()
         self.interval = self._new_interval()
         progress = tqdm(total=training.max_steps, initial=self.step, desc="train", unit="step",

@@ -1,5 +1,6 @@
 """Reliability: bad input, crash-safe checkpoints, exact resume, safe loading, odd prompts."""
 
+import json
 import pickle
 import random
 import shutil
@@ -12,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
+from safetensors.torch import save_file
 
+import evaluate_imagen
 import sample_imagen
 import train_base_mnist
 import train_sr_mnist
@@ -21,7 +25,7 @@ from imagen.checkpoint import CheckpointError, latest_checkpoint, list_checkpoin
 from imagen.cli import run_script
 from imagen.config import TextEncoderConfig
 from imagen.text import TextEmbeddingCache
-from imagen.trainer import Trainer
+from imagen.trainer import Trainer, TrainingError
 
 from conftest import REPO_ROOT, python
 
@@ -55,7 +59,48 @@ def bad_inputs(tmp_path_factory, trained, mnist_root):
     corrupt = edited_checkpoint(trained / "base", root / "corrupt", lambda c: None)
     (latest_checkpoint(corrupt) / "ema.safetensors").write_bytes(b"\x00garbage")
     shutil.copytree(trained / "base", root / "base_run")  # a base run, resumed with the SR config below
+    (root / "a_file").write_text("not a folder")
+    (root / "user_folder").mkdir()  # someone's own files: never a run, never to be overwritten
+    (root / "user_folder" / "notes.txt").write_text("mine")
+    (root / "user_folder" / "samples").mkdir()
+    (root / "unfinished").mkdir()  # a run that failed before its first checkpoint
+    shutil.copy(trained / "base" / "config.yaml", root / "unfinished" / "config.yaml")
+    (root / "grid_only").mkdir()
+    (root / "grid_only" / "grid.png").write_bytes(b"an earlier grid")
+    (root / "report_only").mkdir()
+    (root / "report_only" / "sweep.png").write_bytes(b"an earlier plot")
+    nonfinite = edited_checkpoint(trained / "base", root / "nonfinite", lambda c: None)
+    weights = load_tensors(latest_checkpoint(nonfinite) / "ema.safetensors")
+    next(iter(weights.values())).fill_(float("nan"))
+    save_file(weights, str(latest_checkpoint(nonfinite) / "ema.safetensors"))
+    for name, content in (("state_empty", b""), ("state_partial", b'{"step": 2')):
+        damaged = edited_checkpoint(trained / "base", root / name, lambda c: None)
+        (latest_checkpoint(damaged) / "state.json").write_bytes(content)
+    (root / "prompts_blank.txt").write_text("\n\n   \n")
+    for case, edit_files in MNIST_DAMAGE.items():
+        raw = root / "mnist" / case / "MNIST" / "raw"
+        shutil.copytree(mnist_root / "MNIST" / "raw", raw)
+        for path in raw.iterdir():
+            path.chmod(0o644)
+        edit_files(raw)
+    captions = root / "captions"
+    captions.mkdir()
+    Image.new("L", (8, 8)).save(captions / "a.png")
+    (captions / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
     return root
+
+
+def _truncate_labels(raw: Path) -> None:
+    labels = (raw / "train-labels-idx1-ubyte").read_bytes()
+    (raw / "train-labels-idx1-ubyte").write_bytes(labels[:4] + (100).to_bytes(4, "big") + labels[8:108])
+
+
+MNIST_DAMAGE = {
+    "garbage_header": lambda raw: (raw / "train-images-idx3-ubyte").write_bytes(b"not an idx file" * 20),
+    "empty_images": lambda raw: (raw / "train-images-idx3-ubyte").write_bytes(b""),
+    "more_labels": lambda raw: shutil.copy(raw / "t10k-labels-idx1-ubyte", raw / "train-labels-idx1-ubyte"),
+    "fewer_labels": _truncate_labels,
+}
 
 
 def table(root: Path, trained: Path, mnist: Path):
@@ -64,7 +109,7 @@ def table(root: Path, trained: Path, mnist: Path):
     data = ["--set", f"data.root={mnist}"]
     out = ["--output-dir", str(root / "out")]
     train_out = ["--output-dir", str(root / "train_out")]
-    T, S, P = train_base_mnist, train_sr_mnist, sample_imagen
+    T, S, P, E = train_base_mnist, train_sr_mnist, sample_imagen, evaluate_imagen
     return [
         (T, ["--config", cpu_base, "--set", "training.batchsize=3"], "did you mean 'training.batch_size'"),
         (T, ["--config", str(root / "typo.yaml")], "unknown key 'unet.chanel_mults'"),
@@ -111,13 +156,75 @@ def table(root: Path, trained: Path, mnist: Path):
         (P, ["--checkpoint", base, "--prompts", "1", "--batch-size", "0", *out], "--batch-size 0"),
         (P, ["--checkpoint", base, "--prompts", "1", "--sample-aug-level", "2", *out], "in [0, 1]"),
         (P, ["--checkpoint", base, "--prompts", "1", "--output-dir", str(root / "existing_out")], "--overwrite"),
+        # --overwrite: nothing is deleted before the new run is built; only runs are ever replaced.
+        (T, ["--config", cpu_base, *data, "--set", "data.root=/no/such/mnist", "--set", "data.download=false",
+             "--output-dir", str(root / "base_run"), "--overwrite"], "holds no MNIST"),
+        (T, ["--config", cpu_base, *data, "--set", "training.batch_size=1000000000000", "--output-dir",
+             str(root / "base_run"), "--overwrite"], "need at least"),
+        (T, ["--config", cpu_base, *data, "--output-dir", str(root / "user_folder")], "holds no training run"),
+        (T, ["--config", cpu_base, *data, "--output-dir", str(root / "user_folder"), "--overwrite"],
+         "holds no training run"),
+        (T, ["--config", cpu_base, *data, "--output-dir", str(root / "unfinished")], "--overwrite to start it anew"),
+        (T, ["--config", cpu_base, *data, "--output-dir", str(root / "unfinished"), "--resume"],
+         "stopped before its first checkpoint"),
+        (T, ["--config", cpu_base, *data, "--output-dir", str(root / "a_file")], "is a file, not a folder"),
+        # Non-finite and out-of-range numbers.
+        (T, ["--config", cpu_base, "--set", "training.lr=.inf"], "'training.lr': expected a finite number"),
+        (T, ["--config", cpu_base, "--set", "training.lr=.nan"], "'training.lr': expected a finite number"),
+        (T, ["--config", cpu_base, "--set", "sampling.guidance=.inf"], "'sampling.guidance': expected a finite"),
+        (T, ["--config", cpu_base, "--set", "training.grad_clip=.nan"], "'training.grad_clip'"),
+        (T, ["--config", cpu_base, "--set", "training.seed=1099511627776"], "a seed in 0..4294967295"),
+        (T, ["--config", cpu_base, "--set", "training.seed=-1"], "a seed in 0..4294967295"),
+        (T, ["--config", cpu_base, "--set", "data.seed=4294967296"], "'data.seed'"),
+        (T, ["--config", cpu_base, "--set", "sampling.eta=2"], "'sampling.eta'"),
+        (T, ["--config", cpu_base, "--set", "unet.channels=2"], "1 (grey) or 3 (RGB)"),
+        (T, ["--config", cpu_base, "--set", "training.max_minutes=-1"], "'training.max_minutes'"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--guidance", "nan", *out], "finite numbers >= 0"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--guidance", "inf", *out], "finite numbers >= 0"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--seed", str(2**70), *out], "a seed in 0..4294967295"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--seed=-1", *out], "a seed in 0..4294967295"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--sample-aug-level", "nan", *out], "in [0, 1]"),
+        (E, ["--checkpoints", base, "--mode", "base", "--guidance-sweep", "nan", *out], "finite numbers >= 0"),
+        (E, ["--checkpoints", base, "--mode", "base", "--guidance=-inf", *out], "finite numbers >= 0"),
+        (E, ["--checkpoints", base, "--mode", "base", "--seed", str(2**70), *out], "a seed in 0..4294967295"),
+        # Damaged and diverged checkpoints.
+        (P, ["--checkpoint", str(root / "nonfinite"), "--prompts", "1", *out], "weights are NaN or infinite"),
+        (P, ["--checkpoint", str(root / "state_empty"), "--prompts", "1", *out], "state.json: not readable JSON"),
+        (P, ["--checkpoint", str(root / "state_partial"), "--prompts", "1", *out], "use an earlier checkpoints/step_N"),
+        (E, ["--checkpoints", str(root / "state_empty"), "--mode", "base", *out], "not readable JSON"),
+        # Outputs and devices.
+        (P, ["--checkpoint", base, "--prompts", "1", "--output-dir", str(root / "a_file")], "is a file, not a folder"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--output-dir", str(root / "grid_only")], "grid.png"),
+        (E, ["--checkpoints", base, "--mode", "base", "--output-dir", str(root / "a_file")], "is a file, not a folder"),
+        (E, ["--checkpoints", base, "--mode", "base", "--output-dir", str(root / "report_only")], "sweep.png"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--device", "cuda", *out], "--device cuda: this machine has"),
+        (E, ["--checkpoints", base, "--mode", "base", "--device", "cuda", *out], "--device cuda: this machine has"),
+        (T, ["--config", cpu_base, *data, *QUICK, "--set", "text_encoder.device=cuda", *train_out],
+         "text_encoder.device cuda: this machine has"),
+        (P, ["--checkpoint", base, "--prompts-file", str(root / "prompts_blank.txt"), *out], "no prompts"),
+        # Data that cannot be read.
+        *[(T, ["--config", cpu_base, "--set", f"data.root={root / 'mnist' / case}", *QUICK, *train_out], fragment)
+          for case, fragment in (("garbage_header", "not valid idx files"), ("empty_images", "not valid idx files"),
+                                 ("more_labels", "but 10000 labels"), ("fewer_labels", "but 100 labels"))],
+        (T, ["--config", cpu_base, "--set", "data.dataset=caption_folder", "--set", f"data.root={root / 'captions'}",
+             *QUICK, *train_out], "a.txt: the caption is not UTF-8 text"),
+        # Sizes that can never fit.
+        (T, ["--config", cpu_base, *data, "--set", "training.batch_size=1000000000000", *train_out], "need at least"),
+        (T, ["--config", cpu_base, *data, "--set", "unet.base_channels=1000000000", *train_out], "too large to build"),
+        (T, ["--config", cpu_base, *data, "--set", "unet.base_channels=8192", *train_out], "need at least"),
     ]
 
 
-def test_every_bad_input_exits_2_with_one_clear_message(bad_inputs, trained, mnist_root, capsys, monkeypatch):
+def snapshot(*roots: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for root in roots for path in root.rglob("*") if path.is_file()}
+
+
+def test_every_bad_input_exits_2_with_one_clear_message_and_loses_no_file(bad_inputs, trained, mnist_root, capsys,
+                                                                         monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     cases = table(bad_inputs, trained, mnist_root)
-    assert len(cases) >= 30
+    assert len(cases) >= 80
+    before = snapshot(bad_inputs, trained)
     for script, argv, fragment in cases:
         code = run_script(script.main, argv)
         err = capsys.readouterr().err
@@ -125,6 +232,11 @@ def test_every_bad_input_exits_2_with_one_clear_message(bad_inputs, trained, mni
         assert code == 2, (script.__name__, argv, err)
         assert message.startswith("error: ") and fragment in message, (script.__name__, argv, fragment, err)
         assert "Traceback" not in err
+        assert "--overwrite" not in message or "holds no training run" not in message  # never advise deleting it
+    after = snapshot(bad_inputs, trained)
+    assert {path: after.get(path) for path in before} == before  # every file is still there, unchanged
+    for folder in ("out", "train_out"):  # a refused start leaves nothing behind
+        assert not (bad_inputs / folder).exists() or not any((bad_inputs / folder).rglob("*.*"))
 
 
 def test_a_real_process_exits_2_without_traceback_and_shows_it_with_debug(tmp_path):
@@ -245,3 +357,86 @@ def test_odd_prompts_never_crash_and_make_safe_file_names(trained, tmp_path):
     cache = TextEmbeddingCache.from_config(TextEncoderConfig(name="tiny", max_length=16, device="cpu"))
     encoded = cache.encode(prompts)
     assert encoded.mask.sum(1).min() >= 1 and torch.isfinite(encoded.embeddings).all()
+
+
+def test_overwrite_removes_only_the_runs_own_files_once_the_new_run_is_built(mnist_root, tmp_path):
+    run = tmp_path / "run"
+    args = ["--config", "configs/mnist_cpu/base.yaml", "--output-dir", str(run), "--set", f"data.root={mnist_root}",
+            "--set", "training.max_steps=2", "--set", "training.checkpoint_every=1", "--set", "training.sample_every=1",
+            *QUICK]
+    assert python("train_base_mnist.py", *args).returncode == 0
+    (run / "notes.txt").write_text("mine")
+    (run / "samples" / "favourite.png").write_bytes(b"mine too")
+    replaced = python("train_base_mnist.py", *args[:-len(QUICK)], *QUICK, "--set", "training.max_steps=1",
+                      "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000001"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["favourite.png", "step_00000001.png"]
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_resume_skips_damaged_checkpoints_and_keeps_them(mnist_root, tmp_path, tiny_stage):
+    config = tiny_stage(max_steps=3, checkpoint_every=1, keep_checkpoints=5)
+    Trainer.from_config(config, tmp_path / "run").train()
+    checkpoints = list_checkpoints(tmp_path / "run")
+    assert [c.name for c in checkpoints] == ["step_00000001", "step_00000002", "step_00000003"]
+    model = checkpoints[2] / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:1000])  # a truncated copy
+    (checkpoints[1] / "state.json").write_text("")  # an empty state
+    resumed = Trainer.from_config(tiny_stage(max_steps=4, checkpoint_every=1, keep_checkpoints=5), tmp_path / "run",
+                                  resume=True)
+    assert resumed.step == 1
+    assert model.stat().st_size == 1000 and (checkpoints[1] / "state.json").read_text() == ""  # left for the user
+
+
+def test_diverged_weights_stop_training_before_a_checkpoint(tiny_stage, tmp_path):
+    trainer = Trainer.from_config(tiny_stage(max_steps=4, checkpoint_every=2), tmp_path / "run")
+    trainer.train(until=2)
+    with torch.no_grad():  # weights that blew up while every loss stayed finite (the EMA enters no loss)
+        next(trainer.ema.network.parameters()).fill_(float("inf"))
+    with pytest.raises(TrainingError, match=r"weights became NaN or infinite by step 4.*step_00000002, is kept"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+def test_a_checkpoint_refuses_a_text_encoder_other_than_its_own(tiny_stage, tmp_path, monkeypatch):
+    """The tiny T5 is built on each machine; a different build (here: other random weights)
+    must not meet a checkpoint trained with another."""
+    config = tiny_stage()
+    Trainer.from_config(config, tmp_path / "run").train()
+    assert (latest_checkpoint(tmp_path / "run") / "text_probes.safetensors").is_file()
+    Cascade.from_checkpoints([tmp_path / "run"], device="cpu").sample(["seven"], steps=1)  # the same build: fine
+
+    import imagen.text as text
+
+    build = text.make_tiny_t5
+
+    def other_build():
+        tokenizer, model = build()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(-1.0)
+        return tokenizer, model
+
+    monkeypatch.setattr(text, "make_tiny_t5", other_build)
+    monkeypatch.setenv("IMAGEN_CACHE_DIR", str(tmp_path / "other_machine"))
+    with pytest.raises(CheckpointError, match=r"trained with text encoder 'tiny'.*cosine similarity.*tiny-t5-v1"):
+        Cascade.from_checkpoints([tmp_path / "run"], device="cpu").sample(["seven"], steps=1)
+    with pytest.raises(TrainingError, match="different model"):
+        Trainer.from_config(tiny_stage(max_steps=3), tmp_path / "run", resume=True)
+
+
+def test_sample_overwrite_replaces_every_earlier_result_and_prompt_files_read_as_typed(trained, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "prompts.txt").write_bytes("\ufeffseven\n\n3\n   \n".encode("utf-8"))
+    common = ["--checkpoint", str(trained / "base"), "--checkpoint", str(trained / "sr"), "--steps", "2",
+              "--output-dir", str(out)]
+    first = python("sample_imagen.py", *common, "--prompts-file", str(tmp_path / "prompts.txt"))
+    assert first.returncode == 0, first.stderr
+    assert json.loads((out / "metadata.json").read_text())["prompts"] == ["seven", "3"]  # no BOM, no blank lines
+    (out / "mine.txt").write_text("mine")
+    second = python("sample_imagen.py", *common, "--prompts", "one", "--overwrite")
+    assert second.returncode == 0, second.stderr
+    assert [p.name for p in (out / "images").iterdir()] == ["0_one.png"]  # nothing stale is left
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "metadata.json", "mine.txt", "stage_0.png",
+                                                     "stage_1.png"]
