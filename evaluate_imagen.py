@@ -1,17 +1,22 @@
-"""Evaluate trained stages with an MNIST classifier: prompt accuracy and classifier-FID.
+"""Evaluate trained stages with an MNIST classifier: prompt accuracy and classifier-FID, or for
+scene stages how often a canvas says what its caption says.
 
     python evaluate_imagen.py --mode cascade --checkpoints runs/mnist_cpu/base runs/mnist_cpu/sr \\
         --data-root ../shared/data --guidance-sweep 0,1,2,3,5,7 --output-dir runs/eval_cascade
 
 Modes: base (the first stage alone), sr (a super-resolution stage fed real test digits
 shrunk to its input size; --stage picks it, default the last checkpoint), cascade (every
-stage). --guidance-sweep varies the guidance weight of the evaluated stage (the base stage in
-cascade mode); the other stages keep --guidance (one value, or one per stage) or their
-config. The classifier is trained on first use and cached; its hash is in every report.
+stage), scenes (every stage, on captions of 2x2 digit scenes; see imagen/scene_evaluation.py).
+Without --mode: scenes for stages trained on data.dataset mnist_scenes, else cascade (base
+for a single base stage). --guidance-sweep varies the guidance weight of the evaluated stage
+(the base stage in cascade and scenes mode); the other stages keep --guidance (one value, or
+one per stage) or their config. The classifier is trained on first use and cached; its hash
+is in every report.
 
 Writes OUT/report.json (--json also prints it), OUT/sweep.csv, OUT/sweep.png (FID against
-prompt accuracy, the best trade-off starred) and OUT/samples/guidance_<w>.png (the first
-40 images: rows of words and numerals 0-9).
+prompt accuracy, the best trade-off starred; for scenes, caption satisfaction of seen and
+held-out captions against the guidance weight) and OUT/samples/guidance_<w>.png (the first
+40 images: rows of words and numerals 0-9, or the first 40 scene captions).
 """
 
 from __future__ import annotations
@@ -83,13 +88,78 @@ def write_plot(report: dict, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+SCENE_CSV_COLUMNS = ("guidance", "satisfaction", "seen_satisfaction", "held_out_satisfaction", "place", "relation",
+                     "layout", "count", "cell_accuracy", "count_accuracy", "ceiling_seen", "ceiling_held_out",
+                     "seconds", "best")
+
+
+def default_mode(stages) -> str:
+    """scenes for stages trained on scene canvases, else the whole cascade (or the base stage alone)."""
+    if stages[0].config.data.dataset == "mnist_scenes":
+        return "scenes"
+    return "cascade" if len(stages) > 1 else "base"
+
+
+def check_count(mode: str, count: int) -> None:
+    from imagen.evaluation import evaluation_prompts
+    from imagen.scene_evaluation import evaluation_specs
+
+    if mode == "scenes":
+        evaluation_specs(count, seed=0)
+    else:
+        evaluation_prompts(count)
+
+
+def write_scene_csv(report: dict, path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(SCENE_CSV_COLUMNS)
+    for result in report["results"]:
+        row = {**result, **result["family_satisfaction"], "ceiling_seen": report["ceiling"]["seen_satisfaction"],
+               "ceiling_held_out": report["ceiling"]["held_out_satisfaction"],
+               "best": int(result["guidance"] == report["best"]["guidance"])}
+        writer.writerow([f"{row[key]:.6g}" if isinstance(row[key], float) else row[key] for key in SCENE_CSV_COLUMNS])
+    atomic_write(path, buffer.getvalue())
+
+
+def write_scene_plot(report: dict, path: Path) -> None:
+    """Caption satisfaction of seen and held-out captions against the guidance weight, with the
+    evaluator's ceiling on real canvases dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    results = report["results"]
+    weights = [r["guidance"] for r in results]
+    figure, axes = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    for key, label, color in (("seen_satisfaction", "seen captions", "tab:blue"),
+                              ("held_out_satisfaction", "held-out captions", "tab:orange")):
+        axes.plot(weights, [r[key] for r in results], "o-", color=color, label=label)
+        axes.axhline(report["ceiling"][key], color=color, linestyle="--", alpha=0.6)
+    axes.set_xlabel("guidance weight of the base stage")
+    axes.set_ylabel("share of canvases that satisfy their caption")
+    axes.set_ylim(0, 1.02)
+    axes.set_title(f"scenes at {report['resolution']}px, {report['num_images']} canvases "
+                   f"(dashed: real canvases)", fontsize=9)
+    axes.legend(fontsize=8, loc="best")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write(path, buffer.getvalue())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="cascade", choices=["base", "sr", "cascade"])
+    parser.add_argument("--mode", choices=["base", "sr", "cascade", "scenes"],
+                        help="default: scenes for stages trained on mnist_scenes, else cascade (base for one stage)")
     add_stage_sources(parser, "--checkpoints", nargs="+", help="run folders or checkpoints/step_N folders, base first")
     parser.add_argument("--stage", type=int, help="sr mode: the index of the stage to evaluate (default: the last)")
     parser.add_argument("--data-root", help="the MNIST folder (default: the evaluated stage's data.root)")
-    parser.add_argument("--num-images", type=int, default=1000, help="a multiple of 20 (default 1000)")
+    parser.add_argument("--num-images", type=int, default=1000,
+                        help="a multiple of 20, or of 5 for scenes (default 1000)")
     parser.add_argument("--guidance", help="guidance weight, or one per stage: 5 or 5,3 (default: configs)")
     parser.add_argument("--guidance-sweep", help="weights for the evaluated stage, e.g. 0,1,2,3,5,7")
     parser.add_argument("--steps", help="sampling steps, or one per stage")
@@ -115,25 +185,33 @@ def main(argv: list[str] | None = None) -> None:
                 "sampler": per_stage_values(args.sampler, "--sampler", str, tuple(SAMPLERS))}
     from imagen.cascade import load_stage, per_stage
     from imagen.classifier import load_or_train_classifier
-    from imagen.evaluation import Evaluator, evaluation_prompts
+    from imagen.evaluation import Evaluator
     from imagen.io import new_results, prepare_output, resolve_device, save_png
+    from imagen.scene_evaluation import SceneEvaluator
 
     output = Path(args.output_dir)
     prepare_output(output, OUTPUTS, args.overwrite)
 
-    evaluation_prompts(args.num_images)  # validates the count before anything is loaded
+    if args.mode is not None:  # validate the count before anything is loaded
+        check_count(args.mode, args.num_images)
     device = resolve_device(args.device)
     stages = [load_stage(path, device, args.weights) for path in stage_folders(args, "--checkpoints")]
+    mode = args.mode or default_mode(stages)
+    check_count(mode, args.num_images)
     resolved = {name: per_stage(values, len(stages), f"--{name}") for name, values in settings.items()}
     sr_index = -1 if args.stage is None else min(args.stage, len(stages) - 1)
-    evaluated = stages[0] if args.mode != "sr" else stages[sr_index]
+    evaluated = stages[0] if mode != "sr" else stages[sr_index]
     data_root = args.data_root or evaluated.config.data.root
     log = sys.stderr if args.json else sys.stdout
     classifier, info = load_or_train_classifier(data_root, device=device)
     print(f"classifier {info.short_hash}: {info.test_accuracy:.2%} test accuracy "
           f"({info.train_size} training digits)", file=log)
-    evaluator = Evaluator(stages, args.mode, classifier, info, data_root, args.num_images, stage=args.stage,
-                          seed=args.seed, batch_size=args.batch_size, **resolved)
+    if mode == "scenes":
+        evaluator = SceneEvaluator(stages, classifier, info, data_root, args.num_images, seed=args.seed,
+                                   batch_size=args.batch_size, **resolved)
+    else:
+        evaluator = Evaluator(stages, mode, classifier, info, data_root, args.num_images, stage=args.stage,
+                              seed=args.seed, batch_size=args.batch_size, **resolved)
     weights = sweep or [evaluator.guidance[0] if evaluator.guidance[0] is not None
                         else evaluator.cascade.stages[0].config.sampling.guidance]
 
@@ -145,13 +223,19 @@ def main(argv: list[str] | None = None) -> None:
         report = evaluator.evaluate(weights, on_images=save_samples, unconditional=not args.no_unconditional)
         text = json.dumps(report, indent=1)
         atomic_write(staging / "report.json", text)
-        write_csv(report, staging / "sweep.csv")
-        write_plot(report, staging / "sweep.png")
+        (write_scene_csv if mode == "scenes" else write_csv)(report, staging / "sweep.csv")
+        (write_scene_plot if mode == "scenes" else write_plot)(report, staging / "sweep.png")
     for result in report["results"]:
-        print(f"guidance {result['guidance']:g}: prompt accuracy {result['prompt_accuracy']:.3f} "
-              f"(words {result['words_accuracy']:.3f}, numerals {result['numerals_accuracy']:.3f}), "
-              f"FID {result['fid']:.3f} (floor {report['fid_floor']:.3f})", file=log)
-    print(f"best trade-off: guidance {report['best']['guidance']:g}; wrote {output}", file=log)
+        if mode == "scenes":
+            print(f"guidance {result['guidance']:g}: captions satisfied {result['satisfaction']:.3f} (seen "
+                  f"{result['seen_satisfaction']:.3f}, held-out {result['held_out_satisfaction']:.3f}; ceiling "
+                  f"{report['ceiling']['seen_satisfaction']:.3f} and {report['ceiling']['held_out_satisfaction']:.3f})",
+                  file=log)
+        else:
+            print(f"guidance {result['guidance']:g}: prompt accuracy {result['prompt_accuracy']:.3f} "
+                  f"(words {result['words_accuracy']:.3f}, numerals {result['numerals_accuracy']:.3f}), "
+                  f"FID {result['fid']:.3f} (floor {report['fid_floor']:.3f})", file=log)
+    print(f"best: guidance {report['best']['guidance']:g}; wrote {output}", file=log)
     if args.json:
         print(text)
 

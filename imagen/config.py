@@ -36,7 +36,7 @@ def _check_seed(value: int, key: str) -> None:
 
 @dataclass
 class TextEncoderConfig:
-    """The frozen T5 encoder. ``name``: a Hugging Face T5 id, a local folder, or ``tiny``
+    """The frozen T5 encoder. ``name``: a Hugging Face T5 id, a local folder, ``tiny`` or ``tiny-scenes``
     (a small random T5 built offline, see :mod:`imagen.text`)."""
 
     name: str = "tiny"
@@ -54,7 +54,7 @@ class TextEncoderConfig:
 
     def __post_init__(self) -> None:
         if self.normalize == "auto":
-            self.normalize = "plain" if self.name == "tiny" else "spacing"
+            self.normalize = "plain" if self.name in ("tiny", "tiny-scenes") else "spacing"
 
     def validate(self) -> None:
         require(self.name.strip() != "", "name", "a Hugging Face T5 id, a local folder or 'tiny'")
@@ -281,7 +281,10 @@ class SuperResolutionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["mnist", "caption_folder"] = "mnist"
+    # mnist: single digits with their word or numeral; mnist_scenes: 2x2 canvases of digits with
+    # captions about places, relations, layouts and counts (imagen.scenes); caption_folder:
+    # images with .txt captions.
+    dataset: Literal["mnist", "mnist_scenes", "caption_folder"] = "mnist"
     # mnist: the torchvision root (holding MNIST/raw); caption_folder: the image folder.
     root: str = "data"
     # Fetch MNIST into root when it is not there yet (needs internet once).

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from imagen import scenes
 from imagen.captions import digit_prompts
 from imagen.errors import ImagenError
 
@@ -153,6 +154,10 @@ class MNISTTextDataset(Dataset):
         images = self.images[indices].float() / 127.5 - 1.0
         return images.expand(-1, self.channels, -1, -1), self.prompt_indices[indices]
 
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch: ``batch_size`` items drawn uniformly with ``generator`` (CPU)."""
+        return self.get_batch(torch.randint(len(self), (batch_size,), generator=generator))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         images, prompt_indices = self.get_batch([index])
         return images[0], self.prompts[int(prompt_indices[0])]
@@ -225,15 +230,69 @@ class CaptionFolderDataset(Dataset):
         images = torch.cat([to_model_images(self._load(int(i)), self.image_size, self.channels) for i in indices])
         return images, self.prompt_indices[indices]
 
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch: ``batch_size`` items drawn uniformly with ``generator`` (CPU)."""
+        return self.get_batch(torch.randint(len(self), (batch_size,), generator=generator))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         images, prompt_indices = self.get_batch([index])
         return images[0], self.prompts[int(prompt_indices[0])]
 
 
-def build_dataset(data_config, image_size: int, channels: int,
-                  device: torch.device | str = "cpu") -> MNISTTextDataset | CaptionFolderDataset:
+class MNISTScenesDataset(Dataset):
+    """Canvases of 2x2 cells of MNIST digits, each with a caption that must be read to draw it
+    (:mod:`imagen.scenes`: places, relations, layouts and counts).
+
+    Canvases are composed on the fly, so combinations are effectively unlimited: a batch
+    draws caption specs and layouts satisfying them from the trainer's seeded generator (a
+    few integers per canvas, on the CPU), then gathers one random digit image per cell from
+    the split, pre-resized to the cell size and kept on ``device``, and tiles them there. No
+    Python loop runs per canvas. ``prompts`` lists every caption of the grammar
+    (``scenes.NUM_CAPTIONS``) in ``scenes.caption_index`` order, so a batch's text is a
+    lookup by index; held-out captions are in the list but never drawn for training. An
+    epoch is as many canvases as the split has digits.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, channels: int = 1, split: str = "train",
+                 download: bool = False, device: torch.device | str = "cpu"):
+        if image_size % 2:
+            raise DataError(f"data.dataset: mnist_scenes tiles 2x2 cells, so unet.image_size must be even, got "
+                            f"{image_size}.")
+        self.raw_images, self.labels = load_mnist(root, split, download)
+        self.image_size, self.channels, self.device = image_size, channels, torch.device(device)
+        order = self.labels.argsort(stable=True)
+        self.cells = resize_uint8(self.raw_images[order], image_size // 2, self.device)  # sorted by digit
+        counts = torch.bincount(self.labels, minlength=10)
+        self.first, self.counts = counts.cumsum(0) - counts, counts  # each digit's images: first .. first+count
+        self.prompts = [scenes.render(spec) for spec in scenes.all_specs()]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def compose(self, layouts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Canvases (B, C, H, W) in [-1, 1] on the dataset's device for layouts (B, 4): each
+        digit a random image of it from the split, each empty cell black."""
+        offsets = (torch.rand(layouts.shape, generator=generator) * self.counts[layouts.clamp(min=0)]).long()
+        picked = (self.first[layouts.clamp(min=0)] + offsets).to(self.device)
+        cells = self.cells[picked] * (layouts >= 0).to(self.device)[..., None, None, None]
+        canvases = rearrange(cells, "b (rows columns) c h w -> b c (rows h) (columns w)", rows=2)
+        return (canvases.float() / 127.5 - 1.0).expand(-1, self.channels, -1, -1)
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch: canvases (B, C, H, W) and caption indices (B,), on the device."""
+        specs = scenes.draw_specs(batch_size, generator)
+        images = self.compose(scenes.draw_layouts(specs, generator), generator)
+        return images, scenes.caption_index(specs).to(self.device)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        """Canvas and caption number ``index``, drawn from a generator seeded with it."""
+        images, captions = self.sample_batch(1, torch.Generator().manual_seed(index))
+        return images[0], self.prompts[int(captions[0])]
+
+
+def build_dataset(data_config, image_size: int, channels: int, device: torch.device | str = "cpu"):
     """The dataset a stage's ``data`` section asks for, at the stage's resolution and channels;
-    MNIST is prepared on and kept on ``device``."""
+    MNIST and its scenes are prepared on and kept on ``device``."""
     if data_config.dataset == "mnist":
         return MNISTTextDataset(
             data_config.root,
@@ -245,4 +304,7 @@ def build_dataset(data_config, image_size: int, channels: int,
             download=data_config.download,
             device=device,
         )
+    if data_config.dataset == "mnist_scenes":
+        return MNISTScenesDataset(data_config.root, image_size, channels, split=data_config.split,
+                                  download=data_config.download, device=device)
     return CaptionFolderDataset(data_config.root, image_size, channels)

@@ -23,9 +23,11 @@ from imagen.captions import DIGIT_WORDS, normalize_prompt, shorten
 from imagen.errors import ImagenError
 from imagen.io import atomic_write, cache_root, resolve_device, to_host
 
-TINY_T5_NAME = "tiny"
-# Bump when build_tiny_t5 changes, so stale folders and cached embeddings are not reused.
-TINY_T5_VERSION = "tiny-t5-v1"
+# The offline T5s built in code, by text_encoder.name: the folder each is built into under
+# the cache (bump the version when its build changes, so stale folders and cached embeddings
+# are not reused). tiny's tokenizer knows the words of digit prompts; tiny-scenes' also those
+# of the scene captions (imagen.scenes), which tiny would spell out letter by letter.
+TINY_T5S = {"tiny": "tiny-t5-v1", "tiny-scenes": "tiny-scenes-t5-v1"}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,10 +53,22 @@ class EncodedText(NamedTuple):
         return EncodedText(self.embeddings[indices], self.mask[indices])
 
 
-def make_tiny_t5():
+def tiny_corpus(name: str) -> list[str]:
+    """What the tokenizer of the offline T5 ``name`` learns its pieces from."""
+    templates = ("{}", "the digit {}", "a handwritten {}", "an image of the number {}", "a photo of a {}", "number {}")
+    digits = list(DIGIT_WORDS) + [str(d) for d in range(10)]
+    corpus = [template.format(digit) for template in templates for digit in digits]
+    if name == "tiny-scenes":
+        from imagen.scenes import all_specs, render
+
+        corpus += [normalize_prompt(render(spec), "plain") for spec in all_specs()]
+    return corpus
+
+
+def make_tiny_t5(name: str = "tiny"):
     """A small randomly initialised T5 encoder and its tokenizer, built offline: (tokenizer, model).
 
-    The tokenizer's pieces are trained with the ``tokenizers`` library on digit prompts
+    The tokenizer's pieces are trained with the ``tokenizers`` library on :func:`tiny_corpus`
     (so "seven" and "7" are single tokens; any other text falls back to characters and
     ``<unk>``) and stored as a Unigram model, like T5's own, wrapped in ``T5TokenizerFast``
     with T5's special tokens (``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2). The encoder is a
@@ -63,9 +77,7 @@ def make_tiny_t5():
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    templates = ("{}", "the digit {}", "a handwritten {}", "an image of the number {}", "a photo of a {}", "number {}")
-    digits = list(DIGIT_WORDS) + [str(d) for d in range(10)]
-    corpus = [template.format(digit) for template in templates for digit in digits]
+    corpus = tiny_corpus(name)
 
     # Learn the pieces with a BPE trainer (deterministic, and it keeps whole digit words),
     # then store them as a Unigram model: the model type T5 tokenizers load.
@@ -75,7 +87,9 @@ def make_tiny_t5():
     specials = ["<pad>", "</s>", "<unk>"]
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
     trainer = trainers.BpeTrainer(
-        vocab_size=160, special_tokens=specials, initial_alphabet=list(alphabet), show_progress=False
+        # Enough pieces for every word of the corpus to be one token.
+        vocab_size=160 if name == "tiny" else 400, special_tokens=specials, initial_alphabet=list(alphabet),
+        show_progress=False
     )
     bpe.train_from_iterator(corpus, trainer)
     pieces = sorted(bpe.get_vocab().items(), key=lambda item: item[1])
@@ -107,11 +121,11 @@ def make_tiny_t5():
     return tokenizer, model.eval()
 
 
-def build_tiny_t5(folder: str | Path) -> Path:
+def build_tiny_t5(folder: str | Path, name: str = "tiny") -> Path:
     """Save :func:`make_tiny_t5` to ``folder`` with ``save_pretrained``, so that it loads
     through ``from_pretrained`` exactly as a real checkpoint does."""
     folder = Path(folder)
-    tokenizer, model = make_tiny_t5()
+    tokenizer, model = make_tiny_t5(name)
     # Build beside the target and rename, so a crash never leaves a half-written model.
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -127,11 +141,11 @@ def build_tiny_t5(folder: str | Path) -> Path:
     return folder
 
 
-def tiny_t5_folder() -> Path:
-    """The tiny T5's folder in the cache, built on first use."""
-    folder = cache_root() / TINY_T5_VERSION
+def tiny_t5_folder(name: str = "tiny") -> Path:
+    """The folder of the offline T5 ``name`` in the cache, built on first use."""
+    folder = cache_root() / TINY_T5S[name]
     if not (folder / "config.json").is_file():
-        build_tiny_t5(folder)
+        build_tiny_t5(folder, name)
     return folder
 
 
@@ -141,8 +155,8 @@ def encoder_identity(name: str) -> str:
     A hub id names its weights; a local folder is identified by its path and the bytes of
     its ``config.json`` and the sizes of its weight files, so editing it invalidates the cache.
     """
-    if name == TINY_T5_NAME:
-        return TINY_T5_VERSION
+    if name in TINY_T5S:
+        return TINY_T5S[name]
     folder = Path(name)
     if folder.is_dir():
         digest = hashlib.sha256(str(folder.resolve()).encode())
@@ -172,7 +186,7 @@ class T5TextEncoder:
         self.name = name
         self.max_length = max_length
         self.device = resolve_device(device, "text_encoder.device")
-        source = tiny_t5_folder() if name == TINY_T5_NAME else os.path.expanduser(name)
+        source = tiny_t5_folder(name) if name in TINY_T5S else os.path.expanduser(name)
         if name.startswith(("/", "./", "../", "~")) and not Path(source).is_dir():
             raise TextEncoderError(
                 f"The T5 text encoder folder {name!r} (text_encoder.name) does not exist. Set text_encoder.name "

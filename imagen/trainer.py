@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from imagen import scenes
 from imagen.captions import DIGIT_WORDS, digit_prompts
 from imagen.checkpoint import (
     CheckpointError,
@@ -36,7 +37,7 @@ from imagen.checkpoint import (
     unflatten_state,
 )
 from imagen.config import StageConfig, config_to_dict, config_to_yaml, load_stage_config, save_config
-from imagen.data import MNISTTextDataset, build_dataset
+from imagen.data import MNISTScenesDataset, MNISTTextDataset, build_dataset
 from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, resolve_mixed_precision, save_png, seeded_generator, to_host
@@ -113,10 +114,16 @@ class GridExamples:
 def grid_examples(dataset, super_resolution: bool) -> tuple[list[str], torch.Tensor | None]:
     """Prompts (and for super-resolution the ground-truth images) of the sample grids.
 
-    Base stages: all ten digits as words then as numerals (MNIST), else the first ten
-    captions. Super-resolution stages: one real image of each digit with its word, or
-    the first ten captioned images.
+    Base stages: all ten digits as words then as numerals (MNIST), ten scene captions of
+    every family, held-out ones among them (MNIST scenes), else the first ten captions.
+    Super-resolution stages: one real image of each digit with its word, ten canvases with
+    their captions, or the first ten captioned images.
     """
+    if isinstance(dataset, MNISTScenesDataset):
+        specs = scenes.GRID_SPECS
+        images = dataset.compose(scenes.draw_layouts(specs, torch.Generator().manual_seed(0)),
+                                 torch.Generator().manual_seed(1))
+        return [scenes.render(spec) for spec in specs], images if super_resolution else None
     if not super_resolution:
         if isinstance(dataset, MNISTTextDataset):
             return digit_prompts("words") + digit_prompts("numerals"), None
@@ -345,8 +352,7 @@ class Trainer:
         if epoch != self.epoch and isinstance(self.dataset, MNISTTextDataset):
             self.dataset.set_epoch(epoch)
             self.epoch = epoch
-        indices = torch.randint(len(self.dataset), (training.batch_size,), generator=self.data_generator)
-        images, prompt_indices = self.dataset.get_batch(indices)
+        images, prompt_indices = self.dataset.sample_batch(training.batch_size, self.data_generator)
         text = self.text_table.rows(prompt_indices.to(self.device))
         return images.to(self.device).contiguous(memory_format=self.memory_format), text
 
@@ -392,9 +398,8 @@ class Trainer:
 
     def check_batch(self) -> None:
         """Assemble one batch the way training does, so a dataset that cannot give one fails
-        before anything is written (the data generator is not advanced)."""
-        indices = torch.arange(self.config.training.batch_size) % len(self.dataset)
-        images, prompt_indices = self.dataset.get_batch(indices)
+        before anything is written (from a generator of its own: the run's is not advanced)."""
+        images, prompt_indices = self.dataset.sample_batch(self.config.training.batch_size, torch.Generator())
         self.text_table.rows(prompt_indices.to(self.device))
         images.to(self.device)
 

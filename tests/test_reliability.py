@@ -411,8 +411,8 @@ def test_a_checkpoint_refuses_a_text_encoder_other_than_its_own(tiny_stage, tmp_
 
     build = text.make_tiny_t5
 
-    def other_build():
-        tokenizer, model = build()
+    def other_build(name="tiny"):
+        tokenizer, model = build(name)
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.mul_(-1.0)
