@@ -25,7 +25,8 @@ class Conditioning(nn.Module):
     - With ``unet.text_projection_dim`` the tokens are projected once to that width;
       pooling and every attention block then see the projected tokens (``text_width``).
     - The text is pooled (attention pooling or masked mean, after a LayerNorm), projected
-      and added to the timestep embedding, as in Imagen.
+      and added to the timestep embedding, as in Imagen (``unet.text_pooling: none`` leaves
+      the text to cross-attention alone, for the paper's ablation).
     - Super-resolution: the augmentation level (in [0, 1]) of the low-res input is embedded
       like a timestep and added too, so the network knows how noisy its input is.
 
@@ -54,11 +55,12 @@ class Conditioning(nn.Module):
             self.register_buffer("null_token", torch.zeros(text_dim), persistent=False)
         self.text_width = unet.text_projection_dim or text_dim
         self.text_projection = nn.Linear(text_dim, self.text_width) if unet.text_projection_dim else None
-        self.pool_norm = nn.LayerNorm(self.text_width) if unet.text_layernorm else nn.Identity()
-        self.pool = (AttentionPool(self.text_width, unet.num_head_channels) if unet.text_pooling == "attention"
-                     else None)
-        self.pooled_to_emb = nn.Sequential(nn.Linear(self.text_width, emb_dim), nn.SiLU(),
-                                           nn.Linear(emb_dim, emb_dim))
+        self.pooling = unet.text_pooling
+        if self.pooling != "none":
+            self.pool_norm = nn.LayerNorm(self.text_width) if unet.text_layernorm else nn.Identity()
+            self.pool = AttentionPool(self.text_width, unet.num_head_channels) if self.pooling == "attention" else None
+            self.pooled_to_emb = nn.Sequential(nn.Linear(self.text_width, emb_dim), nn.SiLU(),
+                                               nn.Linear(emb_dim, emb_dim))
         self.aug_embed = TimestepMLP(unet.base_channels, emb_dim) if super_resolution is not None else None
 
     @property
@@ -98,9 +100,10 @@ class Conditioning(nn.Module):
             # Padding stays zero: the projection's bias must not give masked tokens content.
             text = self.text_projection(text) * text_mask[..., None].to(text.dtype)
         emb = self.time_embed(t)
-        normed = self.pool_norm(text)
-        pooled = self.pool(normed, text_mask) if self.pool is not None else masked_mean(normed, text_mask)
-        emb = emb + self.pooled_to_emb(pooled)
+        if self.pooling != "none":
+            normed = self.pool_norm(text)
+            pooled = self.pool(normed, text_mask) if self.pool is not None else masked_mean(normed, text_mask)
+            emb = emb + self.pooled_to_emb(pooled)
         if self.super_resolution is None:
             assert low_res is None and aug_level is None, (
                 "low_res / aug_level given to a base network (it has no super_resolution section)"

@@ -80,7 +80,10 @@ class UNetConfig:
     cross_attention_resolutions: list[int] = field(default_factory=lambda: [32, 16, 8])
     num_head_channels: int = 64
     dropout: float = 0.0
-    text_pooling: Literal["attention", "mean"] = "attention"
+    # How the pooled text vector added to the timestep embedding is made; none: no pooled
+    # vector, text reaches the network through cross-attention only (cross_attention_resolutions
+    # [] instead gives pooled-only conditioning: Imagen's Sec. 4.4 ablation).
+    text_pooling: Literal["attention", "mean", "none"] = "attention"
     text_layernorm: bool = True
     # Project the encoder's tokens once to this width before pooling and attention
     # (null: use the encoder's width). With T5-XXL (4096) this saves a large
@@ -118,6 +121,8 @@ class UNetConfig:
             wrong = [r for r in getattr(self, key) if r not in levels]
             require(not wrong, key, f"resolutions the U-Net has (its levels are {levels}); {wrong} is not")
         require(self.num_head_channels >= 1, "num_head_channels", "a positive integer")
+        require(self.text_pooling != "none" or bool(self.cross_attention_resolutions), "text_pooling",
+                "attention or mean when cross_attention_resolutions is empty (else no text reaches the network)")
         require(self.text_projection_dim is None or self.text_projection_dim >= 1, "text_projection_dim",
                  "a positive integer or null (no projection)")
         for level, mult in enumerate(self.channel_mults):

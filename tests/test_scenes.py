@@ -2,16 +2,19 @@
 canvas dataset and the scene evaluator."""
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
+import yaml
 
 from imagen import scenes
 from imagen.data import MNISTScenesDataset
 from imagen.scene_evaluation import evaluation_specs, read_layouts, scene_metrics
 from imagen.scenes import ABOVE, BELOW, COUNT, LAYOUT, LEFT, PLACE, RELATION, RIGHT
 
-from conftest import python
+from conftest import REPO_ROOT, python
 
 _ = -1  # an empty cell
 
@@ -193,3 +196,25 @@ def test_scene_stages_train_sample_free_text_and_evaluate(scene_runs, classifier
     bad = python("evaluate_imagen.py", "--checkpoints", base, "--data-root", str(mnist_root), "--num-images", "7",
                  "--output-dir", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "multiple of 5" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_text_conditioning_ablation_script_trains_and_scores_its_variants(scene_runs, classifier, mnist_root,
+                                                                               tmp_path):
+    tiny = "--set training.max_steps=2 --set training.batch_size=4 --set unet.base_channels=16 " \
+           "--set unet.num_head_channels=16 --set sampling.steps=2 --set training.sample_guidance=[1]"
+    variants = ["cross_attention", "pooled_mean"]
+    result = subprocess.run(["bash", "benchmarks/text_ablation.sh", str(tmp_path), str(scene_runs / "sr"),
+                             str(mnist_root)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "EXTRA": tiny, "NUM_IMAGES": "10", "STEPS": "2",
+                                 "VARIANTS": " ".join(variants)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = (tmp_path / "summary.md").read_text().splitlines()
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows[2:]] == variants + ["real canvases (ceiling)"]
+    saved = {v: yaml.safe_load((tmp_path / v / "config.yaml").read_text())["unet"] for v in variants}
+    assert saved["cross_attention"]["text_pooling"] == "none" and saved["cross_attention"]["text_layernorm"]
+    assert saved["pooled_mean"]["text_pooling"] == "mean" and saved["pooled_mean"]["cross_attention_resolutions"] == []
+    again = subprocess.run(["bash", "benchmarks/text_ablation.sh", str(tmp_path), str(scene_runs / "sr")],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "VARIANTS": " ".join(variants)})
+    assert again.returncode == 0 and "trained in" not in again.stdout  # finished variants are not redone

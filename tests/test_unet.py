@@ -191,3 +191,28 @@ def test_three_channel_images():
     network = randomized(build_network(make_config(channels=3), TEXT_DIM))
     x, t, text, mask = inputs(channels=3)
     assert network(x, t, text_emb=text, text_mask=mask).shape == (3, 3, 16, 16)
+
+
+@pytest.mark.parametrize("variant", ["pooled_mean_only", "pooled_attention_only", "cross_attention_only"])
+def test_the_papers_text_conditioning_variants_are_each_the_only_path_for_text(variant):
+    """Imagen's Sec. 4.4 ablation, from YAML: text through a pooled vector alone (mean or
+    attention pooling, no cross-attention) or through cross-attention alone (no pooled vector)."""
+    settings = {"pooled_mean_only": {"text_pooling": "mean", "cross_attention_resolutions": []},
+                "pooled_attention_only": {"text_pooling": "attention", "cross_attention_resolutions": []},
+                "cross_attention_only": {"text_pooling": "none"}}[variant]
+    network = randomized(build_network(make_config(**settings), TEXT_DIM))
+    blocks = [m for m in network.modules() if isinstance(m, AttentionBlock)]
+    if variant == "cross_attention_only":
+        assert not hasattr(network.conditioning, "pooled_to_emb") and any(b.text_dim for b in blocks)
+    else:
+        assert all(b.text_dim is None for b in blocks) and hasattr(network.conditioning, "pooled_to_emb")
+    x, t, text, mask = inputs()
+    with torch.no_grad():
+        reference = network(x, t, text_emb=text, text_mask=mask)
+        changed = network(x, t, text_emb=torch.randn_like(text), text_mask=mask)
+    assert not torch.allclose(reference, changed, atol=1e-4)  # the text still gets in
+
+
+def test_a_network_without_any_text_path_is_refused():
+    with pytest.raises(Exception, match="'unet.text_pooling'.*no text reaches the network"):
+        make_config(text_pooling="none", cross_attention_resolutions=[])
