@@ -79,6 +79,13 @@ def write_plot(report: dict, path: Path) -> None:
     axes.set_ylabel("prompt accuracy")
     axes.set_title(f"{report['mode']} at {report['resolution']}px, {report['num_images']} images, "
                    f"classifier {report['classifier']['hash'][:8]}", fontsize=9)
+    save_figure(figure, axes, path)
+
+
+def save_figure(figure, axes, path: Path) -> None:
+    """Legend, grid and layout of a report plot, then the PNG written atomically."""
+    from matplotlib import pyplot as plt
+
     axes.legend(fontsize=8, loc="best")
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -142,13 +149,7 @@ def write_scene_plot(report: dict, path: Path) -> None:
     axes.set_ylim(0, 1.02)
     axes.set_title(f"scenes at {report['resolution']}px, {report['num_images']} canvases "
                    f"(dashed: real canvases)", fontsize=9)
-    axes.legend(fontsize=8, loc="best")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    atomic_write(path, buffer.getvalue())
+    save_figure(figure, axes, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -200,28 +200,15 @@ class Evaluator:
         ``on_images(weight, images)`` sees every generated batch (to save sample grids).
         The balance needs guidance-0 samples: without 0 among ``weights`` they are drawn
         separately, unless ``unconditional`` is False (then the report's entry is None)."""
-        results = []
-        for weight in weights:
-            start = time.perf_counter()
-            images = self.generate(weight)
-            results.append({"guidance": weight, **self.score(images), "seconds": time.perf_counter() - start})
-            if on_images is not None:
-                on_images(weight, images)
+        results = sweep(self, weights, on_images)
         balance = next((r for r in results if r["guidance"] == 0), None)
         if balance is None and unconditional:
             balance = self.score(self.generate(0.0))
-        stages = self.cascade.stages
         return {
             "mode": self.mode,
-            "stages": [{"checkpoint": str(s.checkpoint), "step": s.step, "image_size": s.config.unet.image_size,
-                        "guidance": g if g is not None else s.config.sampling.guidance,
-                        "steps": (self.steps or [None] * len(stages))[i] or s.config.sampling.steps,
-                        "sampler": (self.sampler or [None] * len(stages))[i] or s.config.sampling.sampler}
-                       for i, (s, g) in enumerate(zip(stages, self.guidance))],
+            "stages": stage_settings(self.cascade.stages, self.guidance, self.steps, self.sampler),
             "swept_stage": self.chosen[0],
-            "classifier": {"sha256": self.info.sha256, "hash": self.info.short_hash, "recipe": self.info.recipe,
-                           "train_size": self.info.train_size, "test_accuracy": self.info.test_accuracy,
-                           "test_accuracy_at_resolution": self.reference.test_accuracy},
+            "classifier": {**classifier_record(self.info), "test_accuracy_at_resolution": self.reference.test_accuracy},
             "num_images": len(self.prompts),
             "seed": self.seed,
             "resolution": self.reference.size,
@@ -231,6 +218,36 @@ class Evaluator:
             "unconditional": None if balance is None else {key: balance[key]
                                                            for key in ("class_fractions", "normalized_entropy")},
         }
+
+
+def sweep(evaluator, weights: Sequence[float], on_images=None) -> list[dict]:
+    """For each guidance weight: the evaluator's images (``generate``), their scores (``score``)
+    and the seconds both took; ``on_images(weight, images)`` sees every set of images."""
+    results = []
+    for weight in weights:
+        start = time.perf_counter()
+        images = evaluator.generate(weight)
+        results.append({"guidance": weight, **evaluator.score(images), "seconds": time.perf_counter() - start})
+        if on_images is not None:
+            on_images(weight, images)
+    return results
+
+
+def stage_settings(stages: Sequence[Stage], guidance: Sequence[float | None], steps: Sequence[int | None] | None,
+                   sampler: Sequence[str | None] | None) -> list[dict]:
+    """What a report says of each sampled stage: checkpoint, step, size and the sampling
+    settings used (the given ones, else the stage's config)."""
+    steps, sampler = steps or [None] * len(stages), sampler or [None] * len(stages)
+    return [{"checkpoint": str(stage.checkpoint), "step": stage.step, "image_size": stage.config.unet.image_size,
+             "guidance": weight if weight is not None else stage.config.sampling.guidance,
+             "steps": steps[i] or stage.config.sampling.steps, "sampler": sampler[i] or stage.config.sampling.sampler}
+            for i, (stage, weight) in enumerate(zip(stages, guidance))]
+
+
+def classifier_record(info: ClassifierInfo) -> dict:
+    """Which classifier a report's numbers come from: numbers compare only under the same hash."""
+    return {"sha256": info.sha256, "hash": info.short_hash, "recipe": info.recipe, "train_size": info.train_size,
+            "test_accuracy": info.test_accuracy}
 
 
 def best_tradeoff(results: Sequence[dict], tolerance: float = BEST_TOLERANCE) -> dict:

@@ -15,7 +15,6 @@ canvases from the MNIST test split give the evaluator's own ceiling.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +25,7 @@ from imagen import scenes
 from imagen.cascade import Cascade, Stage
 from imagen.classifier import ClassifierInfo, DigitClassifier, EvaluationError, classify
 from imagen.data import MNISTScenesDataset
+from imagen.evaluation import classifier_record, stage_settings, sweep
 from imagen.io import to_host
 
 INK = -0.5  # a pixel in [-1, 1] brighter than this carries ink
@@ -125,25 +125,13 @@ class SceneEvaluator:
         """The report: one result per weight and the best weight (the highest satisfaction of
         seen captions). ``unconditional`` is accepted for the CLI and unused: scenes have no
         class balance to measure."""
-        results = []
-        for weight in weights:
-            start = time.perf_counter()
-            images = self.generate(weight)
-            results.append({"guidance": weight, **self.score(images), "seconds": time.perf_counter() - start})
-            if on_images is not None:
-                on_images(weight, images)
+        results = sweep(self, weights, on_images)
         best = max(results, key=lambda r: (r["seen_satisfaction"], -r["guidance"]))
-        stages = self.cascade.stages
         return {
             "mode": self.mode,
-            "stages": [{"checkpoint": str(s.checkpoint), "step": s.step, "image_size": s.config.unet.image_size,
-                        "guidance": g if g is not None else s.config.sampling.guidance,
-                        "steps": (self.steps or [None] * len(stages))[i] or s.config.sampling.steps,
-                        "sampler": (self.sampler or [None] * len(stages))[i] or s.config.sampling.sampler}
-                       for i, (s, g) in enumerate(zip(stages, self.guidance))],
+            "stages": stage_settings(self.cascade.stages, self.guidance, self.steps, self.sampler),
             "swept_stage": 0,
-            "classifier": {"sha256": self.info.sha256, "hash": self.info.short_hash, "recipe": self.info.recipe,
-                           "train_size": self.info.train_size, "test_accuracy": self.info.test_accuracy},
+            "classifier": classifier_record(self.info),
             "num_images": len(self.prompts),
             "num_held_out": int(scenes.held_out(self.specs).sum()),
             "seed": self.seed,
