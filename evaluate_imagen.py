@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise ImagenError(f"--batch-size {args.batch_size}: expected a positive integer.")
     check_seed(args.seed)
+    if args.stage is not None and args.stage < 0:
+        raise ImagenError(f"--stage {args.stage}: expected the index of a stage, 0 or more.")
     sweep = per_stage_values(args.guidance_sweep, "--guidance-sweep", float)
     settings = {"guidance": per_stage_values(args.guidance, "--guidance", float),
                 "steps": per_stage_values(args.steps, "--steps", int),
@@ -188,9 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     from imagen.classifier import load_or_train_classifier
     from imagen.evaluation import Evaluator
     from imagen.io import new_results, prepare_output, resolve_device, save_png
+    from imagen.run_folder import refuse_results_in_a_run
     from imagen.scene_evaluation import SceneEvaluator
 
     output = Path(args.output_dir)
+    refuse_results_in_a_run(output)
     prepare_output(output, OUTPUTS, args.overwrite)
 
     if args.mode is not None:  # validate the count before anything is loaded

@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     from imagen.cascade import Cascade, per_stage
     from imagen.io import atomic_write, new_results, prepare_output, save_png
+    from imagen.run_folder import refuse_results_in_a_run
 
     output = Path(args.output_dir)
+    refuse_results_in_a_run(output)
     prepare_output(output, OUTPUTS, args.overwrite)
 
     cascade = Cascade.from_checkpoints(stage_folders(args, "--checkpoint"), device=args.device, weights=args.weights)

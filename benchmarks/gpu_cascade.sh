@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The mission on one GPU, in at most 9 minutes: train the configs/mnist cascade (64x64 base,
+# The mission on one GPU, in about 9 minutes: train the configs/mnist cascade (64x64 base,
 # 64->256 Efficient U-Net) for a fixed time per stage, sample 200 cascade images at 256 px and
-# evaluate them (prompt accuracy, classifier-FID against its real-vs-real floor).
+# evaluate them (prompt accuracy, classifier-FID against its real-vs-real floor). The time is
+# the two training budgets (setup included), plus what comes after each (the step under way,
+# a checkpoint, a grid), the T5 check and the evaluation: estimated at 1-2 minutes together on
+# an H100, never measured yet; report.json records every phase.
 #
 #   bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]
 #   SMOKE=1 bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]   # tiny sizes, 2 steps, any device
@@ -26,6 +29,9 @@ NUM_IMAGES="${NUM_IMAGES:-200}"
 COMPILE="${COMPILE:-false}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ -e "$OUT/report.json" ]; then echo "error: $OUT already holds a report.json; choose another OUT." >&2; exit 2; fi
+if [ -e "$RUNS/base" ] || [ -e "$RUNS/sr" ]; then
+  echo "error: $RUNS already holds runs of an earlier attempt; choose another OUT or RUNS." >&2; exit 2
+fi
 mkdir -p "$OUT" "$RUNS"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 

@@ -285,7 +285,8 @@ class MNISTScenesDataset(Dataset):
         return images, scenes.caption_index(specs).to(self.device)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        """Canvas and caption number ``index``, drawn from a generator seeded with it."""
+        """A canvas and its caption drawn as training draws them, from a generator seeded with
+        ``index`` (the same index gives the same pair)."""
         images, captions = self.sample_batch(1, torch.Generator().manual_seed(index))
         return images[0], self.prompts[int(captions[0])]
 

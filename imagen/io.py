@@ -160,9 +160,19 @@ def publish(staging: Path, output: Path, owned: Sequence[str]) -> None:
     (every file or folder the patterns ``owned`` name, so none is left stale). Nothing is
     deleted before the new results are in place; other files in ``output`` stay."""
     replaced = Path(tempfile.mkdtemp(prefix=".replaced-", dir=output))
-    for path in [path for pattern in owned for path in output.glob(pattern)]:
-        os.replace(path, replaced / path.name)
-    for path in staging.iterdir():
-        os.replace(path, output / path.name)
+    moved: list[Path] = []
+    try:
+        for path in [path for pattern in owned for path in output.glob(pattern)]:
+            os.replace(path, replaced / path.name)
+        for path in list(staging.iterdir()):
+            os.replace(path, output / path.name)
+            moved.append(output / path.name)
+    except OSError as error:  # put everything back as it was
+        for path in moved:
+            os.replace(path, staging / path.name)
+        for path in replaced.iterdir():
+            os.replace(path, output / path.name)
+        raise ImagenError(f"{output}: cannot put the new results in place ({error}); they are in {staging}, the "
+                          "earlier ones are unchanged.") from None
     staging.rmdir()
     shutil.rmtree(replaced)

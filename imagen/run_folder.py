@@ -1,7 +1,8 @@
 """A training run's folder: what it holds, and when it may be started, resumed or replaced.
 
 A run writes ``config.yaml`` (the resolved stage config), ``checkpoints/step_N/``,
-``samples/step_N.png`` and ``metrics.jsonl``, and nothing else. Before a run starts,
+``samples/step_N.png``, ``metrics.jsonl`` and, with ``training.tensorboard``,
+``tensorboard/``, and nothing else. Before a run starts,
 :func:`check_run_folder` decides from what the folder holds, without touching it:
 
 - missing or empty: a new run starts there;
@@ -25,6 +26,7 @@ from imagen.errors import ImagenError
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES = "samples"
+TENSORBOARD = "tensorboard"  # accelerate's tracker writes there (project_dir / its name)
 
 
 class RunFolderError(ImagenError):
@@ -52,6 +54,14 @@ def describe(run_dir: Path) -> str:
             return "foreign"
         return "unfinished"
     return "foreign"
+
+
+def refuse_results_in_a_run(output: Path) -> None:
+    """Sampling and evaluation results never go into a training run's folder, where they would
+    mix with (or, with --overwrite, replace) the run's own files."""
+    if describe(output) in ("run", "unfinished"):
+        raise RunFolderError(f"--output-dir {output} is a training run's folder; write the results to a folder of "
+                             "their own.")
 
 
 def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
@@ -87,10 +97,12 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> list[Path]
 
 
 def remove_run_files(run_dir: Path) -> None:
-    """Delete what a run wrote into ``run_dir`` (its config, checkpoints, sample grids and
-    metrics); anything else there stays, and so do folders left non-empty."""
+    """Delete what a run wrote into ``run_dir`` (its config, checkpoints, sample grids, metrics
+    and TensorBoard logs); anything else there stays, and so do folders left non-empty."""
     for name in (CONFIG_FILE, METRICS_FILE):
         (run_dir / name).unlink(missing_ok=True)
+    if (run_dir / TENSORBOARD).is_dir():
+        shutil.rmtree(run_dir / TENSORBOARD)
     checkpoints = run_dir / CHECKPOINTS
     for folder in list(checkpoints.glob("step_*")) + list(checkpoints.glob(".step_*")):
         shutil.rmtree(folder)

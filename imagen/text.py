@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from imagen.captions import DIGIT_WORDS, normalize_prompt, shorten
+from imagen.checkpoint import CheckpointError, load_tensors
 from imagen.errors import ImagenError
 from imagen.io import atomic_write, cache_root, resolve_device, to_host
 
@@ -381,10 +382,13 @@ def encoder_difference(saved: EncodedText, current: EncodedText) -> str | None:
 PROBES_FILE = "text_probes.safetensors"
 
 
+class EncoderMismatchError(CheckpointError):
+    """A checkpoint meets another text encoder than the one it was trained with."""
+
+
 def check_text_probes(checkpoint: Path, name: str, current: EncodedText) -> None:
     """Refuse ``checkpoint`` when the probe embeddings saved with it (``text_probes.safetensors``)
     differ from ``current``, this machine's encoder's. Checkpoints from before probes pass."""
-    from imagen.checkpoint import CheckpointError, load_tensors
 
     path = Path(checkpoint) / PROBES_FILE
     if not path.is_file():
@@ -392,10 +396,10 @@ def check_text_probes(checkpoint: Path, name: str, current: EncodedText) -> None
     saved = load_tensors(path)
     difference = encoder_difference(EncodedText(saved["embeddings"], saved["mask"]), current)
     if difference:
-        raise CheckpointError(
+        raise EncoderMismatchError(
             f"{checkpoint} was trained with text encoder {name!r}, but this machine's {name!r} is a different "
             f"model: {difference}. The checkpoint would draw images for the wrong text. Use the encoder it was "
-            "trained with: for tiny, copy the training machine's tiny-t5-v1 folder from its $IMAGEN_CACHE_DIR "
-            "(default ~/.cache/imagen-mnist) into this machine's, or install the transformers and tokenizers "
-            "versions that built it; for a Hugging Face T5, the same revision."
+            f"trained with: for {name}, copy the training machine's {TINY_T5S.get(name, 'tiny-t5-v1')} folder from "
+            "its $IMAGEN_CACHE_DIR (default ~/.cache/imagen-mnist) into this machine's, or install the transformers "
+            "and tokenizers versions that built it; for a Hugging Face T5, the same revision."
         )

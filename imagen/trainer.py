@@ -36,15 +36,22 @@ from imagen.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from imagen.config import StageConfig, config_to_dict, config_to_yaml, load_stage_config, save_config
+from imagen.config import ConfigError, StageConfig, config_to_dict, config_to_yaml, load_stage_config, save_config
 from imagen.data import MNISTScenesDataset, MNISTTextDataset, build_dataset
 from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, resolve_mixed_precision, save_png, seeded_generator, to_host
-from imagen.run_folder import CONFIG_FILE, METRICS_FILE, SAMPLES, check_run_folder, remove_run_files
+from imagen.run_folder import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SAMPLES,
+    TENSORBOARD,
+    check_run_folder,
+    remove_run_files,
+)
 from imagen.stage import build_diffusion, build_network, sample_stage, training_losses
 from imagen.super_resolution import downsample
-from imagen.text import EncodedText, TextEmbeddingCache, check_text_probes, probe_embeddings
+from imagen.text import EncodedText, EncoderMismatchError, TextEmbeddingCache, check_text_probes, probe_embeddings
 from imagen.throughput import check_memory, peak_memory_mb
 
 
@@ -253,9 +260,9 @@ class Trainer:
     def save(self) -> Path:
         """Write ``checkpoints/step_N`` (main process only)."""
         folder = checkpoint_folder(self.run_dir, self.step)
+        self.check_weights()  # on every process, so that all stop together
         if not self.accelerator.is_main_process:
             return folder
-        self.check_weights()
         optimizer_tensors, optimizer_skeleton = flatten_state(self.optimizer.state_dict())
         rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
                "noise": self.noise_generator.get_state()}  # generator states are CPU byte tensors, also for CUDA
@@ -263,6 +270,7 @@ class Trainer:
             rng.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
         state = {
             "step": self.step,
+            "noise_device": self.noise_generator.device.type,
             "text_dim": self.text_dim,
             "unet_type": self.config.unet.type,
             "optimizer": optimizer_skeleton,
@@ -280,16 +288,21 @@ class Trainer:
                                keep=self.config.training.keep_checkpoints)
 
     def resume(self, checkpoints: list[Path]) -> Path:
-        """Continue from the newest of ``checkpoints`` (newest first) that loads; damaged ones
-        are skipped with a message saying why, and left in place."""
+        """Continue from the newest of ``checkpoints`` (newest first) that loads. A damaged one
+        is skipped with a message saying why and renamed ``damaged_step_N``: kept for the user,
+        but no longer taken for the run's latest checkpoint by sampling or pruning."""
         reasons = []
         for folder in checkpoints:
             try:
                 self.load(folder)
             except CheckpointError as error:
                 reasons.append(f"{folder.name}: {error}")
-                self.accelerator.print(f"skipping damaged checkpoint {folder} ({error})")
                 continue
+            for damaged, reason in zip(checkpoints, reasons):
+                kept = damaged.with_name(f"damaged_{damaged.name}")
+                if self.accelerator.is_main_process:
+                    damaged.rename(kept)
+                self.accelerator.print(f"skipped the damaged checkpoint {damaged.name}, renamed {kept} ({reason})")
             if reasons:
                 self.accelerator.print(f"resuming from {folder}")
             return folder
@@ -297,27 +310,59 @@ class Trainer:
 
     def load(self, folder: Path) -> None:
         """Continue from checkpoint ``folder``: weights, EMA, optimizer, schedule, random state.
-        A checkpoint made with another text encoder is refused."""
-        state = load_state(folder)
+        Anything unreadable in it is a CheckpointError (resume then falls back); a checkpoint
+        made with another text encoder is refused. Settings changed since are applied: the
+        learning rate, weight decay and betas come from the current config."""
         self.check_encoder(folder)
-        saved = load_stage_config(folder / CONFIG_FILE)
+        try:
+            state = load_state(folder)
+            saved = load_stage_config(folder / CONFIG_FILE)
+            load_weights_strictly(self.accelerator.unwrap_model(self.network), folder / "model.safetensors")
+            load_weights_strictly(self.ema.network, folder / "ema.safetensors")
+            optimizer_tensors = load_tensors(folder / "optimizer.safetensors")
+            self.optimizer.load_state_dict(unflatten_state(optimizer_tensors, state["optimizer"]))
+            self.scheduler.load_state_dict(state["scheduler"])
+            rng = load_tensors(folder / "rng.safetensors")
+            torch.set_rng_state(rng["torch"])
+            self.data_generator.set_state(rng["data"])
+        except (ConfigError, KeyError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{folder}: cannot be loaded ({type(error).__name__}: {error}).") from None
         before = _flat(config_to_dict(saved))
         changed = [key for key, value in _flat(config_to_dict(self.config)).items() if before.get(key) != value]
         if changed:
             self.accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
-        load_weights_strictly(self.accelerator.unwrap_model(self.network), folder / "model.safetensors")
-        load_weights_strictly(self.ema.network, folder / "ema.safetensors")
-        optimizer_tensors = load_tensors(folder / "optimizer.safetensors")
-        self.optimizer.load_state_dict(unflatten_state(optimizer_tensors, state["optimizer"]))
-        self.scheduler.load_state_dict(state["scheduler"])
-        rng = load_tensors(folder / "rng.safetensors")
-        torch.set_rng_state(rng["torch"])
-        self.data_generator.set_state(rng["data"])
-        self.noise_generator.set_state(rng["noise"])
+        self.step = state["step"]
+        self.apply_optimizer_settings()
+        self.restore_device_random_state(rng, state.get("noise_device"))
+
+    def apply_optimizer_settings(self) -> None:
+        """The learning rate schedule, weight decay and Adam betas of the current config, over the
+        optimizer state just loaded (which holds the values it was saved with)."""
+        training = self.config.training
+        self.scheduler.base_lrs = [training.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = training.lr
+            group["lr"] = training.lr * lr_factor(self.step, self.config)
+            group["weight_decay"] = training.weight_decay
+            if "betas" in group:
+                group["betas"] = tuple(training.adam_betas)
+
+    def restore_device_random_state(self, rng: dict, saved_on: str | None) -> None:
+        """The noise generator's and CUDA's random state, when they were saved on this kind of
+        device; a checkpoint moved between CPU and GPU draws fresh, seeded noise instead."""
+        here = self.noise_generator.device.type
+        if saved_on not in (None, here):
+            self.noise_generator.manual_seed(self.config.training.seed * 104729 + self.step)
+            self.accelerator.print(f"the checkpoint's random state was saved on a {saved_on} device; this {here} run "
+                                   "continues with fresh seeded noise, so it does not repeat the original exactly.")
+            return
+        try:
+            self.noise_generator.set_state(rng["noise"])
+        except RuntimeError as error:
+            raise CheckpointError(f"the checkpoint's noise generator state does not fit ({error}).") from None
         if torch.cuda.is_available() and "cuda0" in rng:
             states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
             torch.cuda.set_rng_state_all(states)
-        self.step = state["step"]
 
     # ------------------------------------------------------------------ sampling
 
@@ -377,7 +422,7 @@ class Trainer:
             return
         try:
             check_text_probes(folder, self.config.text_encoder.name, self.text_probes)
-        except CheckpointError as error:  # every checkpoint of the run shares the encoder: no fallback
+        except EncoderMismatchError as error:  # every checkpoint of the run shares the encoder: no fallback
             raise TrainingError(str(error)) from None
 
     def check_weights(self) -> None:
@@ -460,7 +505,7 @@ class Trainer:
         accelerator = self.accelerator
         stop = training.max_steps if until is None else min(until, training.max_steps)
         if training.tensorboard:
-            accelerator.init_trackers("tensorboard")
+            accelerator.init_trackers(TENSORBOARD)
         self.network.train()
         self.interval = self._new_interval()
         progress = tqdm(total=training.max_steps, initial=self.step, desc="train", unit="step",

@@ -197,6 +197,11 @@ def table(root: Path, trained: Path, mnist: Path):
         (P, ["--checkpoint", base, "--prompts", "1", "--output-dir", str(root / "grid_only")], "grid.png"),
         (E, ["--checkpoints", base, "--mode", "base", "--output-dir", str(root / "a_file")], "is a file, not a folder"),
         (E, ["--checkpoints", base, "--mode", "base", "--output-dir", str(root / "report_only")], "sweep.png"),
+        (E, ["--checkpoints", base, "--mode", "base", "--output-dir", str(root / "base_run"), "--overwrite"],
+         "is a training run's folder"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--output-dir", str(root / "unfinished")],
+         "is a training run's folder"),
+        (E, ["--checkpoints", base, sr, "--mode", "sr", "--stage=-5", *out], "--stage -5"),
         (P, ["--checkpoint", base, "--prompts", "1", "--device", "cuda", *out], "--device cuda: this machine has"),
         (E, ["--checkpoints", base, "--mode", "base", "--device", "cuda", *out], "--device cuda: this machine has"),
         (T, ["--config", cpu_base, *data, *QUICK, "--set", "text_encoder.device=cuda", *train_out],
@@ -383,10 +388,41 @@ def test_resume_skips_damaged_checkpoints_and_keeps_them(mnist_root, tmp_path, t
     model = checkpoints[2] / "model.safetensors"
     model.write_bytes(model.read_bytes()[:1000])  # a truncated copy
     (checkpoints[1] / "state.json").write_text("")  # an empty state
+    probes = checkpoints[0] / "text_probes.safetensors"
+    intact = probes.read_bytes()
+    probes.write_bytes(intact[:50])  # a damaged fingerprint is damage too, not another encoder
+    with pytest.raises(TrainingError, match="no checkpoint of .* can be loaded"):
+        Trainer.from_config(tiny_stage(max_steps=4), tmp_path / "run", resume=True)
+    probes.write_bytes(intact)
     resumed = Trainer.from_config(tiny_stage(max_steps=4, checkpoint_every=1, keep_checkpoints=5), tmp_path / "run",
                                   resume=True)
     assert resumed.step == 1
-    assert model.stat().st_size == 1000 and (checkpoints[1] / "state.json").read_text() == ""  # left for the user
+    # The damaged ones are kept for the user under another name, out of the way of sampling and pruning.
+    run = tmp_path / "run" / "checkpoints"
+    assert (run / "damaged_step_00000003" / "model.safetensors").stat().st_size == 1000
+    assert (run / "damaged_step_00000002" / "state.json").read_text() == ""
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_00000001"]
+    resumed.train()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000004"
+
+
+def test_resuming_applies_a_changed_learning_rate_and_survives_another_device_kind(tiny_stage, tmp_path):
+    Trainer.from_config(tiny_stage(max_steps=2, lr=1e-3, warmup_steps=0, lr_schedule="constant"),
+                        tmp_path / "run").train()
+    resumed = Trainer.from_config(tiny_stage(max_steps=4, lr=1e-5, warmup_steps=0, lr_schedule="constant",
+                                             weight_decay=0.01), tmp_path / "run", resume=True)
+    group = resumed.optimizer.param_groups[0]
+    assert group["lr"] == 1e-5 and group["weight_decay"] == 0.01 and resumed.scheduler.base_lrs[0] == 1e-5
+    resumed.train()
+    assert resumed.scheduler.get_last_lr()[0] == 1e-5
+    # A checkpoint whose noise generator lived on a GPU resumes on a CPU with fresh seeded noise.
+    state_file = latest_checkpoint(tmp_path / "run") / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "noise_device": "cuda"}))
+    moved = Trainer.from_config(tiny_stage(max_steps=5, lr=1e-5), tmp_path / "run", resume=True)
+    assert moved.step == 4
+    moved.train()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000005"
 
 
 def test_diverged_weights_stop_training_before_a_checkpoint(tiny_stage, tmp_path):
