@@ -135,7 +135,7 @@ INVALID = [
     ({"data": ["mnist"]}, [], ["'data'", "a mapping of keys"]),
     ({}, ["training.batch_size=-3"], ["--set training.batch_size=-3", "'training.batch_size'", "positive"]),
     ({}, ["training.batchsize=3"], ["--set training.batchsize=3", "did you mean 'training.batch_size'"]),
-    ({}, ["sampling.guidance=high"], ["--set sampling.guidance=high", "'sampling.guidance'", "a number"]),
+    ({}, ["sampling.guidance=high"], ["--set sampling.guidance=high", "'sampling.guidance'", "a finite number"]),
     ({}, ["training.batch_size"], ["--set training.batch_size", "KEY=VALUE"]),
     ({}, ["training.batch_size.x=1"], ["'training.batch_size'"]),
     ({}, ["sampling.steps=[1"], ["--set sampling.steps=[1", "invalid YAML"]),
