@@ -5,7 +5,9 @@
 
 Each --checkpoint is a stage's run folder (its latest checkpoint is used) or one
 checkpoints/step_N folder, base first; or --cascade configs/mnist_cpu/cascade.yaml samples
-the run folders its stages train into (their training.output_dir). --guidance, --steps, --sampler and
+the run folders its stages train into (their training.output_dir). --low-res PATH...
+(images or folders) starts at the first super-resolution stage from your own images,
+resized to its input size and noise-augmented at --sample-aug-level. --guidance, --steps, --sampler and
 --thresholding take one value for every stage or a comma-separated value per stage;
 unset, each stage uses its config's sampling section. Writes OUT/grid.png (final images,
 one row per prompt), OUT/stage_<k>.png, OUT/images/<index>_<prompt>.png and
@@ -43,6 +45,36 @@ def safe_name(prompt: str, limit: int = 40) -> str:
 OUTPUTS = ("grid.png", "stage_*.png", "images", "metadata.json")
 
 
+def image_files(paths: list[str]) -> list[Path]:
+    """The image files among ``paths``, folders expanded (sorted, subfolders too)."""
+    from imagen.data import IMAGE_SUFFIXES
+
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ImagenError(f"--low-res {path}: no such file or folder.")
+    if not files:
+        raise ImagenError(f"--low-res {' '.join(paths)}: no images ({', '.join(IMAGE_SUFFIXES)}) there.")
+    return files
+
+
+def super_resolution_cascade(folders: list[str], device, weights: str):
+    """The given stages from the first super-resolution stage on (a base stage before it is
+    skipped: the images given replace its output)."""
+    from imagen.cascade import Cascade, load_stage
+
+    stages = [load_stage(folder, device, weights) for folder in folders]
+    while stages and stages[0].config.super_resolution is None:
+        stages.pop(0)
+    if not stages:
+        raise ImagenError("--low-res: none of the checkpoints is a super-resolution stage to start from.")
+    return Cascade(stages, super_resolution_first=True)
+
+
 def read_prompts(args) -> list[str]:
     if args.prompts_file is not None:
         try:  # utf-8-sig: a byte-order mark some editors write is not part of the first prompt
@@ -64,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", nargs="+", help="text prompts")
     parser.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
     parser.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--low-res", nargs="+", metavar="PATH",
+                        help="your own images (files or folders): start at the first super-resolution stage, one "
+                             "prompt for all of them or one per image")
     parser.add_argument("--guidance", help="guidance weight, or one per stage: 5 or 5,3")
     parser.add_argument("--steps", help="sampling steps, or one per stage: 50 or 50,25")
     parser.add_argument("--sampler", help=f"{' | '.join(SAMPLERS)}, or one per stage")
@@ -93,15 +128,32 @@ def main(argv: list[str] | None = None) -> None:
         "sampler": per_stage_values(args.sampler, "--sampler", str, tuple(SAMPLERS)),
         "thresholding": per_stage_values(args.thresholding, "--thresholding", str, THRESHOLD_MODES),
     }
+    import torch
+
     from imagen.cascade import Cascade, per_stage
-    from imagen.io import atomic_write, new_results, prepare_output, save_png
+    from imagen.data import read_image, to_model_images
+    from imagen.io import atomic_write, new_results, prepare_output, resolve_device, save_png
     from imagen.run_folder import refuse_results_in_a_run
 
     output = Path(args.output_dir)
     refuse_results_in_a_run(output)
     prepare_output(output, OUTPUTS, args.overwrite)
 
-    cascade = Cascade.from_checkpoints(stage_folders(args, "--checkpoint"), device=args.device, weights=args.weights)
+    folders = stage_folders(args, "--checkpoint")
+    low_res = None
+    if args.low_res:
+        cascade = super_resolution_cascade(folders, resolve_device(args.device), args.weights)
+        first = cascade.stages[0].config
+        paths = image_files(args.low_res)
+        if len(prompts) not in (1, len(paths)):
+            raise ImagenError(f"--low-res: {len(paths)} images but {len(prompts)} prompts; give one prompt for all "
+                              "of them or one per image.")
+        prompts = prompts * len(paths) if len(prompts) == 1 else prompts
+        low_res = torch.stack([to_model_images(read_image(path, first.unet.channels)[None],
+                                               first.super_resolution.low_res_size, first.unet.channels)[0]
+                               for path in paths for _ in range(args.num_per_prompt)])
+    else:
+        cascade = Cascade.from_checkpoints(folders, device=args.device, weights=args.weights)
     count = len(cascade.stages)
     # One value for all stages, or exactly one per stage (None: the stage's config decides).
     resolved = {name: per_stage(values, count, f"--{name}") for name, values in settings.items()}
@@ -112,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"--steps {args.steps}: stage {index} has only {stage.config.diffusion.timesteps} timesteps.")
     all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
     result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
-                            batch_size=args.batch_size, progress=True)
+                            batch_size=args.batch_size, low_res=low_res, progress=True)
 
     columns = args.num_per_prompt if args.num_per_prompt > 1 else min(10, len(all_prompts))
     with new_results(output, OUTPUTS) as staging:  # they replace earlier ones once all are written
@@ -127,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             files.append(str(path))
         metadata = {
             "prompts": prompts,
+            "low_res": [str(path) for path in paths] if args.low_res else None,
             "num_per_prompt": args.num_per_prompt,
             "seed": args.seed,
             "batch_size": args.batch_size,

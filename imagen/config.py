@@ -288,10 +288,14 @@ class SuperResolutionConfig:
 class DataConfig:
     # mnist: single digits with their word or numeral; mnist_scenes: 2x2 canvases of digits with
     # captions about places, relations, layouts and counts (imagen.scenes); caption_folder:
-    # images with .txt captions.
-    dataset: Literal["mnist", "mnist_scenes", "caption_folder"] = "mnist"
-    # mnist: the torchvision root (holding MNIST/raw); caption_folder: the image folder.
+    # images with .txt captions, read per step (small sets); shards: a folder made by
+    # prepare_dataset.py, streamed by a DataLoader (any size).
+    dataset: Literal["mnist", "mnist_scenes", "caption_folder", "shards"] = "mnist"
+    # mnist: the torchvision root (holding MNIST/raw); caption_folder: the image folder;
+    # shards: the shard folder.
     root: str = "data"
+    # DataLoader worker processes reading shards (0: in the training process).
+    workers: int = 4
     # Fetch MNIST into root when it is not there yet (needs internet once).
     download: bool = True
     split: Literal["train", "test"] = "train"
@@ -301,6 +305,7 @@ class DataConfig:
 
     def validate(self) -> None:
         require(self.root.strip() != "", "root", "a folder path")
+        require(self.workers >= 0, "workers", "an integer >= 0")
         _check_seed(self.seed, "seed")
 
 

@@ -163,6 +163,42 @@ class MNISTTextDataset(Dataset):
         return images[0], self.prompts[int(prompt_indices[0])]
 
 
+def square_pixels(image, channels: int) -> torch.Tensor:
+    """A PIL image as uint8 (C, s, s), grey or RGB, centre-cropped to its shorter side."""
+    pixels = torch.frombuffer(bytearray(image.convert("L" if channels == 1 else "RGB").tobytes()), dtype=torch.uint8)
+    width, height = image.size
+    pixels = rearrange(pixels, "(h w c) -> c h w", h=height, w=width)
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return pixels[:, top : top + side, left : left + side]
+
+
+def read_image(path: Path, channels: int) -> torch.Tensor:
+    """An image file as uint8 (C, s, s), centre-cropped to a square."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return square_pixels(image, channels)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read this image ({exc}).") from None
+
+
+def caption_folder_items(root: str | Path) -> list[tuple[Path, str]]:
+    """Every image under ``root`` (sorted, subfolders too) with the caption of its ``.txt`` file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder (expected images with .txt captions beside them).")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    uncaptioned = [p for p in paths if not p.with_suffix(".txt").is_file()]
+    if uncaptioned:
+        raise DataError(f"{root}: {len(uncaptioned)} image(s) have no caption file, e.g. {uncaptioned[0]} needs "
+                        f"{uncaptioned[0].with_suffix('.txt')} holding its caption.")
+    return [(path, read_caption(path.with_suffix(".txt"))) for path in paths]
+
+
 def read_caption(path: Path) -> str:
     """A caption file's text, stripped; a UTF-8 BOM is allowed, other encodings are refused."""
     try:
@@ -182,22 +218,12 @@ class CaptionFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, image_size: int, channels: int = 3):
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"data.root {str(root)!r} is not a folder (data.dataset: caption_folder expects one).")
-        self.image_paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.image_paths:
-            raise DataError(
-                f"data.root {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) for "
-                "data.dataset: caption_folder."
-            )
-        uncaptioned = [p for p in self.image_paths if not p.with_suffix(".txt").is_file()]
-        if uncaptioned:
-            raise DataError(
-                f"data.root {str(root)!r}: {len(uncaptioned)} image(s) have no caption file, e.g. "
-                f"{uncaptioned[0]} needs {uncaptioned[0].with_suffix('.txt')} holding its caption."
-            )
-        captions = [read_caption(p.with_suffix(".txt")) for p in self.image_paths]
+        try:
+            items = caption_folder_items(root)
+        except DataError as error:
+            raise DataError(f"data.root (data.dataset: caption_folder): {error}") from None
+        self.image_paths = [path for path, _ in items]
+        captions = [caption for _, caption in items]
         self.prompts = list(dict.fromkeys(captions))
         position = {caption: index for index, caption in enumerate(self.prompts)}
         self.prompt_indices = torch.tensor([position[caption] for caption in captions], dtype=torch.long)
@@ -209,20 +235,7 @@ class CaptionFolderDataset(Dataset):
 
     def _load(self, index: int) -> torch.Tensor:
         """(1, C, h, h) uint8: the image, centre-cropped to a square."""
-        from PIL import Image
-
-        path = self.image_paths[index]
-        try:
-            with Image.open(path) as image:
-                pixels = torch.frombuffer(bytearray(image.convert("L" if self.channels == 1 else "RGB").tobytes()),
-                                          dtype=torch.uint8)
-                width, height = image.size
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read this image ({exc}).") from None
-        pixels = rearrange(pixels, "(h w c) -> c h w", h=height, w=width)
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        return pixels[:, top : top + side, left : left + side].unsqueeze(0)
+        return read_image(self.image_paths[index], self.channels)[None]
 
     def get_batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) in [-1, 1] and prompt indices (B,) for ``indices``."""
@@ -291,9 +304,16 @@ class MNISTScenesDataset(Dataset):
         return images[0], self.prompts[int(captions[0])]
 
 
-def build_dataset(data_config, image_size: int, channels: int, device: torch.device | str = "cpu"):
+def build_dataset(data_config, image_size: int, channels: int, device: torch.device | str = "cpu",
+                  text_encoder=None):
     """The dataset a stage's ``data`` section asks for, at the stage's resolution and channels;
-    MNIST and its scenes are prepared on and kept on ``device``."""
+    MNIST and its scenes are prepared on and kept on ``device``. Shards must have been made by
+    the stage's ``text_encoder``; their batches come with their text."""
+    if data_config.dataset == "shards":
+        from imagen.shards import ShardBatches, ShardDataset
+
+        shards = ShardDataset(data_config.root, image_size, channels, text_encoder)
+        return ShardBatches(shards, channels, data_config.seed, data_config.workers, torch.device(device))
     if data_config.dataset == "mnist":
         return MNISTTextDataset(
             data_config.root,

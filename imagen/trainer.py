@@ -181,13 +181,14 @@ class Trainer:
     ``training.max_minutes`` have passed since ``started``.
 
     It is handed what it trains: the network (on the CPU; the trainer moves it), the
-    diffusion, the dataset, the text table (one row per ``dataset.prompts`` entry) and the
-    grid examples. :meth:`from_config` builds all of them from a stage config, as the
-    training scripts do. ``device`` defaults to accelerate's (this process's GPU, or the CPU).
+    diffusion, the dataset, the text table (one row per ``dataset.prompts`` entry; None for a
+    dataset whose batches bring their text) and the grid examples. :meth:`from_config` builds
+    all of them from a stage config, as the training scripts do. ``device`` defaults to
+    accelerate's (this process's GPU, or the CPU).
     """
 
     def __init__(self, config: StageConfig, run_dir: str | Path, *, network: nn.Module,
-                 diffusion: GaussianDiffusion, dataset, text_table: EncodedText, grid: GridExamples,
+                 diffusion: GaussianDiffusion, dataset, text_table: EncodedText | None, grid: GridExamples,
                  text_probes: EncodedText | None = None, accelerator=None, device: torch.device | str | None = None,
                  started: float | None = None):
         self.config = config
@@ -203,10 +204,10 @@ class Trainer:
         self.memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
 
         self.dataset = dataset
-        self.text_table = text_table.to(self.device)
+        self.text_table = text_table.to(self.device) if text_table is not None else None
         self.grid = grid
         self.text_probes = text_probes  # saved with every checkpoint, compared on loading
-        self.text_dim = text_table.embeddings.shape[-1]
+        self.text_dim = grid.text.embeddings.shape[-1]
         self.diffusion = diffusion
         network = network.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(network, training.ema_decay, training.ema_warmup)
@@ -216,6 +217,8 @@ class Trainer:
         # The compiled forward shares the network's parameters; saving and EMA use the plain module.
         self.forward = torch.compile(self.network) if training.compile else self.network
         rank = self.accelerator.process_index
+        if hasattr(dataset, "distribute"):  # a streamed dataset gives each process its own share
+            dataset.distribute(rank, self.accelerator.num_processes)
         # Batches (CPU) and noise/timesteps/dropping (device) draw from their own seeded generators,
         # whose seeds differ for every seed and rank.
         self.data_generator = torch.Generator().manual_seed(training.seed * 7919 + 2 * rank)
@@ -239,9 +242,16 @@ class Trainer:
         accelerator = make_accelerator(config, run_dir)
         set_seed(config.training.seed)
         device = torch.device(device) if device is not None else accelerator.device
-        dataset = build_dataset(config.data, config.unet.image_size, config.unet.channels, device)
-        text_table, grid, probes = encode_prompts(config, dataset)
-        text_dim = text_table.embeddings.shape[-1]
+        dataset = build_dataset(config.data, config.unet.image_size, config.unet.channels, device,
+                                config.text_encoder)
+        if dataset.prompts is None:  # shards: every batch brings its text, the encoder is never loaded
+            prompts, text, images = dataset.examples()
+            text_table, grid, probes = None, GridExamples(prompts, text, images if config.is_super_resolution
+                                                          else None), dataset.dataset.probes()
+            text_dim = dataset.text_dim
+        else:
+            text_table, grid, probes = encode_prompts(config, dataset)
+            text_dim = text_table.embeddings.shape[-1]
         check_memory(config, text_dim, device)
         trainer = cls(config, run_dir, network=build_network(config, text_dim), diffusion=build_diffusion(config),
                       dataset=dataset, text_table=text_table, grid=grid, text_probes=probes, accelerator=accelerator,
@@ -332,6 +342,9 @@ class Trainer:
         if changed:
             self.accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
         self.step = state["step"]
+        if hasattr(self.dataset, "seek"):  # a streamed dataset continues its order where it stopped
+            training = self.config.training
+            self.dataset.seek(self.step * training.batch_size * training.grad_accum_steps)
         self.apply_optimizer_settings()
         self.restore_device_random_state(rng, state.get("noise_device"))
 
@@ -397,8 +410,9 @@ class Trainer:
         if epoch != self.epoch and isinstance(self.dataset, MNISTTextDataset):
             self.dataset.set_epoch(epoch)
             self.epoch = epoch
-        images, prompt_indices = self.dataset.sample_batch(training.batch_size, self.data_generator)
-        text = self.text_table.rows(prompt_indices.to(self.device))
+        images, text = self.dataset.sample_batch(training.batch_size, self.data_generator)
+        # Text comes as rows of the table (prompt indices) or, from shards, with the batch.
+        text = self.text_table.rows(text.to(self.device)) if self.text_table is not None else text.to(self.device)
         return images.to(self.device).contiguous(memory_format=self.memory_format), text
 
     def _micro_step(self) -> dict[str, torch.Tensor]:
@@ -444,6 +458,9 @@ class Trainer:
     def check_batch(self) -> None:
         """Assemble one batch the way training does, so a dataset that cannot give one fails
         before anything is written (from a generator of its own: the run's is not advanced)."""
+        if self.text_table is None:  # shards: reading one item checks the folder without taking a batch
+            self.dataset.dataset[0]
+            return
         images, prompt_indices = self.dataset.sample_batch(self.config.training.batch_size, torch.Generator())
         self.text_table.rows(prompt_indices.to(self.device))
         images.to(self.device)

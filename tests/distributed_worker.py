@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from imagen.config import load_stage_config
 from imagen.trainer import Trainer
 
-config_path, run_dir, mnist_root, out = sys.argv[1:5]
-config = load_stage_config(config_path, [f"data.root={mnist_root}", "training.batch_size=4", "training.max_steps=3",
+config_path, run_dir, data_root, out = sys.argv[1:5]
+config = load_stage_config(config_path, [f"data.root={data_root}", "training.batch_size=4", "training.max_steps=3",
                                          "sampling.steps=2", "training.sample_guidance=[1]"])
 trainer = Trainer.from_config(config, run_dir)
 network = trainer.accelerator.unwrap_model(trainer.network)
