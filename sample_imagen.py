@@ -7,7 +7,9 @@ Each --checkpoint is a stage's run folder (its latest checkpoint is used) or one
 checkpoints/step_N folder, base first; or --cascade configs/mnist_cpu/cascade.yaml samples
 the run folders its stages train into (their training.output_dir). --low-res PATH...
 (images or folders) starts at the first super-resolution stage from your own images,
-resized to its input size and noise-augmented at --sample-aug-level. --guidance, --steps, --sampler and
+resized to its input size and noise-augmented at --sample-aug-level. --init-images PATH...
+--strength S edits images at the base stage (image-to-image, SDEdit): the last S of the
+diffusion is redone from them, noised to where it starts. --guidance, --steps, --sampler and
 --thresholding take one value for every stage or a comma-separated value per stage;
 unset, each stage uses its config's sampling section. Writes OUT/grid.png (final images,
 one row per prompt), OUT/stage_<k>.png, OUT/images/<index>_<prompt>.png and
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -45,7 +48,7 @@ def safe_name(prompt: str, limit: int = 40) -> str:
 OUTPUTS = ("grid.png", "stage_*.png", "images", "metadata.json")
 
 
-def image_files(paths: list[str]) -> list[Path]:
+def image_files(paths: list[str], argument: str = "--low-res") -> list[Path]:
     """The image files among ``paths``, folders expanded (sorted, subfolders too)."""
     from imagen.data import IMAGE_SUFFIXES
 
@@ -56,9 +59,9 @@ def image_files(paths: list[str]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise ImagenError(f"--low-res {path}: no such file or folder.")
+            raise ImagenError(f"{argument} {path}: no such file or folder.")
     if not files:
-        raise ImagenError(f"--low-res {' '.join(paths)}: no images ({', '.join(IMAGE_SUFFIXES)}) there.")
+        raise ImagenError(f"{argument} {' '.join(paths)}: no images ({', '.join(IMAGE_SUFFIXES)}) there.")
     return files
 
 
@@ -99,6 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--low-res", nargs="+", metavar="PATH",
                         help="your own images (files or folders): start at the first super-resolution stage, one "
                              "prompt for all of them or one per image")
+    parser.add_argument("--init-images", nargs="+", metavar="PATH",
+                        help="image-to-image: images (files or folders) the base stage edits instead of sampling "
+                             "from noise, one for all prompts or one per prompt")
+    parser.add_argument("--strength", type=float, default=0.6,
+                        help="with --init-images: how much of the diffusion to redo, 0 (keep them) to 1 (ignore "
+                             "them); default 0.6")
     parser.add_argument("--guidance", help="guidance weight, or one per stage: 5 or 5,3")
     parser.add_argument("--steps", help="sampling steps, or one per stage: 50 or 50,25")
     parser.add_argument("--sampler", help=f"{' | '.join(SAMPLERS)}, or one per stage")
@@ -120,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise ImagenError(f"--batch-size {args.batch_size}: expected a positive integer.")
     check_seed(args.seed)
+    if not (math.isfinite(args.strength) and 0.0 <= args.strength <= 1.0):
+        raise ImagenError(f"--strength {args.strength}: expected a number in [0, 1].")
+    if args.init_images and args.low_res:
+        raise ImagenError("--init-images edits the base stage's images and --low-res replaces them: give one.")
     if args.sample_aug_level is not None and not 0.0 <= args.sample_aug_level <= 1.0:
         raise ImagenError(f"--sample-aug-level {args.sample_aug_level}: expected a level in [0, 1].")
     settings = {
@@ -154,6 +167,17 @@ def main(argv: list[str] | None = None) -> None:
                                for path in paths for _ in range(args.num_per_prompt)])
     else:
         cascade = Cascade.from_checkpoints(folders, device=args.device, weights=args.weights)
+    init_images = None
+    if args.init_images:
+        base = cascade.stages[0].config.unet
+        paths = image_files(args.init_images, "--init-images")
+        if len(paths) not in (1, len(prompts)):
+            raise ImagenError(f"--init-images: {len(paths)} images for {len(prompts)} prompts; give one image for "
+                              "all prompts or one per prompt.")
+        images = [to_model_images(read_image(path, base.channels)[None], base.image_size, base.channels)[0]
+                  for path in paths]
+        init_images = torch.stack([images[min(i, len(images) - 1)] for i in range(len(prompts))
+                                   for _ in range(args.num_per_prompt)])
     count = len(cascade.stages)
     # One value for all stages, or exactly one per stage (None: the stage's config decides).
     resolved = {name: per_stage(values, count, f"--{name}") for name, values in settings.items()}
@@ -164,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"--steps {args.steps}: stage {index} has only {stage.config.diffusion.timesteps} timesteps.")
     all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
     result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
-                            batch_size=args.batch_size, low_res=low_res, progress=True)
+                            batch_size=args.batch_size, low_res=low_res, init_images=init_images,
+                            strength=args.strength, progress=True)
 
     columns = args.num_per_prompt if args.num_per_prompt > 1 else min(10, len(all_prompts))
     with new_results(output, OUTPUTS) as staging:  # they replace earlier ones once all are written
@@ -180,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         metadata = {
             "prompts": prompts,
             "low_res": [str(path) for path in paths] if args.low_res else None,
+            "init_images": [str(path) for path in image_files(args.init_images, "--init-images")]
+            if args.init_images else None,
+            "strength": args.strength if args.init_images else None,
             "num_per_prompt": args.num_per_prompt,
             "seed": args.seed,
             "batch_size": args.batch_size,

@@ -118,14 +118,19 @@ class Cascade:
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], *, guidance=None, steps=None, sampler=None, thresholding=None,
                sample_aug_level=None, seed: int = 0, batch_size: int | None = None,
-               low_res: torch.Tensor | None = None, progress: bool = False) -> CascadeOutput:
+               low_res: torch.Tensor | None = None, init_images: torch.Tensor | None = None,
+               strength: float = 1.0, progress: bool = False) -> CascadeOutput:
         """Images for ``prompts``. Every setting is one value for all stages or a list with one per
         stage; None keeps each stage's ``sampling`` defaults. The same seed, settings and batch
         size give identical images. ``low_res`` (N, C, h, w) feeds a chain that starts at a
-        super-resolution stage."""
+        super-resolution stage. ``init_images`` (N, C, H, W) at the base stage's size, with
+        ``strength`` in [0, 1], make the base stage edit them (image-to-image) rather than
+        sample from noise; the later stages run as usual."""
         count = len(self.stages)
         if (low_res is not None) != (self.stages[0].config.super_resolution is not None):
             raise ImagenError("low_res images are given exactly when the first stage is a super-resolution stage.")
+        if init_images is not None and low_res is not None:
+            raise ImagenError("image-to-image edits the base stage's images: give init_images or low_res, not both.")
         guidance, steps, sampler = (per_stage(guidance, count, "guidance"), per_stage(steps, count, "steps"),
                                     per_stage(sampler, count, "sampler"))
         thresholding = per_stage(thresholding, count, "thresholding")
@@ -136,7 +141,9 @@ class Cascade:
             text = self.encode(stage, prompts)
             size = batch_size or stage.config.sampling.batch_size
             batches = range(0, len(prompts), size)
-            total = (steps[index] or stage.config.sampling.steps) * len(batches)
+            edits = index == 0 and init_images is not None
+            stage_steps = steps[index] or stage.config.sampling.steps
+            total = (round(strength * stage_steps) if edits else stage_steps) * len(batches)
             bar = tqdm(total=total, desc=f"stage {index} ({stage.config.unet.image_size}px)", disable=not progress,
                        unit="step", dynamic_ncols=True)
             images = []
@@ -149,6 +156,7 @@ class Cascade:
                     thresholding=thresholding[index], generator=generator,
                     low_res=outputs[-1][chunk] if outputs else None,
                     aug_level=aug_levels[index],
+                    init=init_images[chunk] if edits else None, strength=strength if edits else 1.0,
                     on_step=lambda _: bar.update(1),
                 ))
             bar.close()

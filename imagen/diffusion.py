@@ -104,6 +104,14 @@ class GaussianDiffusion:
         betas = betas_for_alphas_cumprod(self.alphas_cumprod[kept])
         return GaussianDiffusion(betas, self.objective, self.timestep_map[kept])
 
+    def first_steps(self, count: int) -> "GaussianDiffusion":
+        """The process over this one's first ``count`` step indices (the least noisy): the same
+        betas and timesteps, so it ends where this one does. Image-to-image sampling starts
+        from an image noised to its last step."""
+        if not 1 <= count <= self.num_timesteps:
+            raise ValueError(f"count must be in [1, {self.num_timesteps}], got {count}")
+        return GaussianDiffusion(self.betas[:count], self.objective, self.timestep_map[:count])
+
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Original timesteps (B,) long, on t's device, for step indices t (B,)."""
         return self.timestep_map.to(t.device)[t]

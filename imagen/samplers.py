@@ -220,6 +220,8 @@ def sample(
     device: torch.device | str | None = None,
     thresholding: Thresholding = None,
     noise: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
     on_step: Callable[[SamplerStep], None] | None = None,
     **options: Any,
 ) -> torch.Tensor:
@@ -229,11 +231,26 @@ def sample(
     steps first (None: use its steps as they are). ``options`` go to that sampler's
     loop (``eta`` for DDIM). ``on_step`` is called with every step (e.g. to advance a
     progress bar).
+
+    Image-to-image (SDEdit, Meng et al. 2022): with ``init`` (shape ``shape``), only the
+    last ``round(strength * steps)`` steps run, from ``init`` noised by the forward
+    process to where they start. Strength 1 is sampling from noise (``init`` unused),
+    strength 0 returns ``init``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {tuple(SAMPLERS)}")
     if steps is not None:
         diffusion = diffusion.respace(steps)
+    if init is not None:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        count = round(strength * diffusion.num_timesteps)
+        if count == 0:
+            return init
+        if count < diffusion.num_timesteps:
+            start = torch.full((init.shape[0],), count - 1, dtype=torch.long, device=init.device)
+            noise = diffusion.q_sample(init, start, _randn_like(init, generator))
+            diffusion = diffusion.first_steps(count)
     loop = SAMPLERS[sampler](diffusion, model_fn, shape, generator=generator, device=device,
                              thresholding=thresholding, noise=noise, **options)
     for step in loop:

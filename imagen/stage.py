@@ -80,6 +80,7 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
                  guidance: float | None = None, steps: int | None = None, sampler: str | None = None,
                  generator: torch.Generator | None = None, low_res: torch.Tensor | None = None,
                  aug_level: float | None = None, thresholding: str | None = None,
+                 init: torch.Tensor | None = None, strength: float = 1.0,
                  on_step: Callable[[SamplerStep], None] | None = None) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] for the B prompts of ``text``, with classifier-free guidance.
 
@@ -88,7 +89,9 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
     given come from the stage's ``sampling`` and ``thresholding`` sections (``thresholding``
     overrides the mode only). The network runs under ``sampling.mixed_precision``; the
     sampler's arithmetic stays in float32. Inputs may live anywhere: they are moved to the
-    network's device, where the images are returned.
+    network's device, where the images are returned. ``init`` (B, C, H, W) in [-1, 1] with
+    ``strength`` < 1 edits those images instead of sampling from noise (SDEdit, see
+    ``imagen.samplers.sample``).
     """
     sampling = config.sampling
     sampler = sampler or sampling.sampler
@@ -121,6 +124,7 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
         diffusion, model_fn, (len(text.mask), channels, size, size),
         sampler=sampler, steps=steps or sampling.steps, generator=generator, device=device,
         thresholding={**dataclasses.asdict(config.thresholding), **({"mode": thresholding} if thresholding else {})},
+        init=None if init is None else init.to(device), strength=strength,
         on_step=on_step, **({"eta": sampling.eta} if sampler == "ddim" else {}),
     )
     return images.clamp(-1.0, 1.0)

@@ -117,3 +117,24 @@ def test_a_cascade_file_names_the_run_folders_to_sample(trained, tmp_path):
     both = python("sample_imagen.py", "--cascade", str(tmp_path / "cascade.yaml"),
                   "--checkpoint", str(trained / "base"), *common, "--output-dir", str(tmp_path / "both"))
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_image_to_image_edits_the_base_stage_and_runs_the_rest(trained, tmp_path, mnist_root):
+    from imagen.data import MNISTTextDataset
+
+    cascade = Cascade.from_checkpoints([trained / "base", trained / "sr"], device="cpu")
+    digits = MNISTTextDataset(mnist_root, 16, split="test").get_batch([0, 1])[0]
+    kept = cascade.sample(["seven", "3"], steps=4, init_images=digits, strength=0.0)
+    assert torch.equal(kept.stages[0], digits) and kept.images.shape == (2, 1, 32, 32)
+    edited = cascade.sample(["seven", "3"], steps=4, init_images=digits, strength=0.5)
+    assert not torch.equal(edited.stages[0], digits)
+    assert torch.equal(edited.images, cascade.sample(["seven", "3"], steps=4, init_images=digits, strength=0.5).images)
+    Image.fromarray(((digits[0, 0] + 1) * 127.5).round().byte().numpy()).save(tmp_path / "seven.png")
+    result = sample_cli(trained, "--prompts", "seven", "three", "--init-images", str(tmp_path / "seven.png"),
+                        "--strength", "0.5", "--steps", "4", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert metadata["strength"] == 0.5 and metadata["init_images"] == [str(tmp_path / "seven.png")]
+    bad = sample_cli(trained, "--prompts", "seven", "--init-images", str(tmp_path / "seven.png"), "--strength", "2",
+                     "--output-dir", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "--strength 2.0: expected a number in [0, 1]" in bad.stderr

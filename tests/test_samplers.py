@@ -208,3 +208,25 @@ def test_sample_rejects_unknown_names_and_misplaced_eta():
         sample(diffusion, gaussian_oracle("eps"), (1, 1, 2, 2), sampler="ddpm", eta=0.5)
     with pytest.raises(ValueError, match="eta"):
         next(ddim_sample_loop(diffusion, gaussian_oracle("eps"), (1, 1, 2, 2), eta=1.5))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_image_to_image_ends_at_the_data_and_its_ends_are_sampling_and_the_input(sampler):
+    """SDEdit from data samples: noising them to the level the strength picks and running the
+    rest of the (respaced) chain must give the data distribution again, closer to the input the
+    lower the strength. Strength 1 is sampling from noise, strength 0 the input itself."""
+    init = MU + SIGMA * torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    calls = []
+    edited = {strength: run_oracle(sampler, 50, init=init, strength=strength, seed=1,
+                                   on_step=lambda step: calls.append(step.t))
+              for strength in (0.3, 0.6)}
+    assert len(calls) == 15 + 30  # round(strength * 50) network evaluations each
+    assert calls[0] == max(respaced_timesteps(1000, 50)[:15]) and calls[15] == max(respaced_timesteps(1000, 50)[:30])
+    for x in edited.values():  # ancestral DDPM loses some variance in 50 steps, also from noise
+        assert_matches_data(x, std_tolerance=0.08 if sampler == "ddpm" else 0.05)
+    correlation = {s: torch.corrcoef(torch.stack([x.flatten(), init.flatten()]))[0, 1] for s, x in edited.items()}
+    assert correlation[0.3] > correlation[0.6] > 0.1
+    assert torch.equal(run_oracle(sampler, 50, init=init, strength=1.0, seed=3), run_oracle(sampler, 50, seed=3))
+    assert torch.equal(run_oracle(sampler, 50, init=init, strength=0.0, seed=3), init)
+    with pytest.raises(ValueError, match="strength"):
+        run_oracle(sampler, 50, init=init, strength=1.5)
