@@ -9,7 +9,10 @@ the run folders its stages train into (their training.output_dir). --low-res PAT
 (images or folders) starts at the first super-resolution stage from your own images,
 resized to its input size and noise-augmented at --sample-aug-level. --init-images PATH...
 --strength S edits images at the base stage (image-to-image, SDEdit): the last S of the
-diffusion is redone from them, noised to where it starts. --guidance, --steps, --sampler and
+diffusion is redone from them, noised to where it starts. --inpaint-images PATH...
+--inpaint-masks PATH... (white: draw, black: keep) make every stage keep the black part of
+the image at its own size and draw the rest (RePaint; --inpaint-resample N with --sampler
+ddpm). --guidance, --steps, --sampler and
 --thresholding take one value for every stage or a comma-separated value per stage;
 unset, each stage uses its config's sampling section. Writes OUT/grid.png (final images,
 one row per prompt), OUT/stage_<k>.png, OUT/images/<index>_<prompt>.png and
@@ -65,6 +68,19 @@ def image_files(paths: list[str], argument: str = "--low-res") -> list[Path]:
     return files
 
 
+def read_per_prompt(paths: list[str], argument: str, count: int, channels: int, size: int):
+    """Images (count, channels, size, size) in [-1, 1]: one file for all, or one per item."""
+    import torch
+
+    from imagen.data import read_image, to_model_images
+
+    files = image_files(paths, argument)
+    if len(files) not in (1, count):
+        raise ImagenError(f"{argument}: {len(files)} images for {count}; give one for all or one each.")
+    images = [to_model_images(read_image(path, channels)[None], size, channels)[0] for path in files]
+    return torch.stack([images[min(i, len(images) - 1)] for i in range(count)])
+
+
 def super_resolution_cascade(folders: list[str], device, weights: str):
     """The given stages from the first super-resolution stage on (a base stage before it is
     skipped: the images given replace its output)."""
@@ -105,6 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-images", nargs="+", metavar="PATH",
                         help="image-to-image: images (files or folders) the base stage edits instead of sampling "
                              "from noise, one for all prompts or one per prompt")
+    parser.add_argument("--inpaint-images", nargs="+", metavar="PATH",
+                        help="inpainting: images (files or folders) whose unmasked part every stage keeps, one for "
+                             "all prompts or one per prompt")
+    parser.add_argument("--inpaint-masks", nargs="+", metavar="PATH",
+                        help="with --inpaint-images: masks, white where to draw and black where to keep, one for all "
+                             "or one per image")
+    parser.add_argument("--inpaint-resample", type=int, default=1,
+                        help="RePaint resampling: repeat every step this often (needs --sampler ddpm; default 1)")
     parser.add_argument("--strength", type=float, default=0.6,
                         help="with --init-images: how much of the diffusion to redo, 0 (keep them) to 1 (ignore "
                              "them); default 0.6")
@@ -133,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         raise ImagenError(f"--strength {args.strength}: expected a number in [0, 1].")
     if args.init_images and args.low_res:
         raise ImagenError("--init-images edits the base stage's images and --low-res replaces them: give one.")
+    if bool(args.inpaint_images) != bool(args.inpaint_masks):
+        raise ImagenError("--inpaint-images and --inpaint-masks go together: the images and what to draw in them.")
+    if args.inpaint_resample < 1:
+        raise ImagenError(f"--inpaint-resample {args.inpaint_resample}: expected a positive integer.")
+
     if args.sample_aug_level is not None and not 0.0 <= args.sample_aug_level <= 1.0:
         raise ImagenError(f"--sample-aug-level {args.sample_aug_level}: expected a level in [0, 1].")
     settings = {
@@ -178,9 +207,20 @@ def main(argv: list[str] | None = None) -> None:
                   for path in paths]
         init_images = torch.stack([images[min(i, len(images) - 1)] for i in range(len(prompts))
                                    for _ in range(args.num_per_prompt)])
+    inpaint_images = inpaint_masks = None
+    if args.inpaint_images:
+        last = cascade.stages[-1].config.unet
+        images = read_per_prompt(args.inpaint_images, "--inpaint-images", len(prompts), last.channels, last.image_size)
+        masks = read_per_prompt(args.inpaint_masks, "--inpaint-masks", len(images), 1, last.image_size)
+        inpaint_images = images.repeat_interleave(args.num_per_prompt, dim=0)
+        inpaint_masks = ((masks + 1) / 2).repeat_interleave(args.num_per_prompt, dim=0)  # 1: draw
     count = len(cascade.stages)
     # One value for all stages, or exactly one per stage (None: the stage's config decides).
     resolved = {name: per_stage(values, count, f"--{name}") for name, values in settings.items()}
+    samplers = [resolved["sampler"][i] or stage.config.sampling.sampler for i, stage in enumerate(cascade.stages)]
+    if args.inpaint_images and args.inpaint_resample > 1 and set(samplers) != {"ddpm"}:
+        raise ImagenError(f"--inpaint-resample {args.inpaint_resample} runs the ancestral sampler, but the stages "
+                          f"sample with {', '.join(samplers)}: add --sampler ddpm.")
     for index, stage in enumerate(cascade.stages):
         steps = resolved["steps"][index]
         if steps is not None and steps > stage.config.diffusion.timesteps:
@@ -189,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
     result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
                             batch_size=args.batch_size, low_res=low_res, init_images=init_images,
-                            strength=args.strength, progress=True)
+                            strength=args.strength, inpaint_images=inpaint_images, inpaint_masks=inpaint_masks,
+                            inpaint_resample=args.inpaint_resample, progress=True)
 
     columns = args.num_per_prompt if args.num_per_prompt > 1 else min(10, len(all_prompts))
     with new_results(output, OUTPUTS) as staging:  # they replace earlier ones once all are written
@@ -208,6 +249,11 @@ def main(argv: list[str] | None = None) -> None:
             "init_images": [str(path) for path in image_files(args.init_images, "--init-images")]
             if args.init_images else None,
             "strength": args.strength if args.init_images else None,
+            "inpaint_images": [str(p) for p in image_files(args.inpaint_images, "--inpaint-images")]
+            if args.inpaint_images else None,
+            "inpaint_masks": [str(p) for p in image_files(args.inpaint_masks, "--inpaint-masks")]
+            if args.inpaint_masks else None,
+            "inpaint_resample": args.inpaint_resample if args.inpaint_images else None,
             "num_per_prompt": args.num_per_prompt,
             "seed": args.seed,
             "batch_size": args.batch_size,

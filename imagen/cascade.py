@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -24,6 +25,7 @@ from imagen.config import StageConfig, check_stage_order, load_stage_config
 from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, seeded_generator
+from imagen.samplers import Inpainting
 from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.text import EncodedText, TextEmbeddingCache, check_text_probes, probe_embeddings
 
@@ -75,6 +77,15 @@ def per_stage(value: T | Sequence[T] | None, count: int, name: str) -> list[T | 
     return [value] * count
 
 
+def inpainting_at(size: int, images: torch.Tensor, masks: torch.Tensor, resample: int) -> Inpainting:
+    """What a stage of ``size`` keeps of ``images`` (B, C, H, W): the images resized to it
+    (antialiased when shrinking), and every pixel whose share of the mask (1: draw) is
+    below one half."""
+    images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    drawn = F.interpolate(masks.float(), size=(size, size), mode="area") >= 0.5
+    return Inpainting(images.clamp(-1.0, 1.0), (~drawn).float(), resample)
+
+
 @dataclass
 class CascadeOutput:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1], the last stage's output
@@ -119,13 +130,18 @@ class Cascade:
     def sample(self, prompts: Sequence[str], *, guidance=None, steps=None, sampler=None, thresholding=None,
                sample_aug_level=None, seed: int = 0, batch_size: int | None = None,
                low_res: torch.Tensor | None = None, init_images: torch.Tensor | None = None,
-               strength: float = 1.0, progress: bool = False) -> CascadeOutput:
+               strength: float = 1.0, inpaint_images: torch.Tensor | None = None,
+               inpaint_masks: torch.Tensor | None = None, inpaint_resample: int = 1,
+               progress: bool = False) -> CascadeOutput:
         """Images for ``prompts``. Every setting is one value for all stages or a list with one per
         stage; None keeps each stage's ``sampling`` defaults. The same seed, settings and batch
         size give identical images. ``low_res`` (N, C, h, w) feeds a chain that starts at a
         super-resolution stage. ``init_images`` (N, C, H, W) at the base stage's size, with
         ``strength`` in [0, 1], make the base stage edit them (image-to-image) rather than
-        sample from noise; the later stages run as usual."""
+        sample from noise; the later stages run as usual. ``inpaint_images`` (N, C, H, W) and
+        ``inpaint_masks`` (N, 1, H, W), 1 where to draw, make every stage keep the rest of
+        the image, resized to its own size (RePaint; ``inpaint_resample`` repeats each step
+        with the ddpm sampler)."""
         count = len(self.stages)
         if (low_res is not None) != (self.stages[0].config.super_resolution is not None):
             raise ImagenError("low_res images are given exactly when the first stage is a super-resolution stage.")
@@ -157,6 +173,8 @@ class Cascade:
                     low_res=outputs[-1][chunk] if outputs else None,
                     aug_level=aug_levels[index],
                     init=init_images[chunk] if edits else None, strength=strength if edits else 1.0,
+                    inpaint=None if inpaint_images is None else inpainting_at(
+                        stage.config.unet.image_size, inpaint_images[chunk], inpaint_masks[chunk], inpaint_resample),
                     on_step=lambda _: bar.update(1),
                 ))
             bar.close()

@@ -44,6 +44,34 @@ class SamplerStep:
     t: int
 
 
+@dataclass(frozen=True)
+class Inpainting:
+    """What an inpainting run keeps (RePaint, Lugmayr et al. 2022).
+
+    image: (B, C, H, W) in [-1, 1], the known content; keep: (B, 1 or C, H, W), 1 where the
+    image is kept, 0 where it is drawn. After every step the kept region of the sample is
+    replaced by ``image`` noised by the forward process to that step, so the sample grows
+    around it; the last step pastes ``image`` itself. ``resample`` > 1 (ancestral DDPM
+    only) repeats each step that many times, going back one step by the forward process
+    in between, which lets the drawn region agree with the kept one.
+    """
+
+    image: torch.Tensor
+    keep: torch.Tensor
+    resample: int = 1
+
+    def paste(self, diffusion: GaussianDiffusion, x: torch.Tensor, i: int,
+              generator: torch.Generator | None) -> torch.Tensor:
+        """The sample ``x`` just computed by the step at index ``i`` (so at index i - 1, or the
+        final sample when i == 0) with the kept region put back."""
+        if i == 0:
+            known = self.image
+        else:
+            step = torch.full((x.shape[0],), i - 1, dtype=torch.long, device=x.device)
+            known = diffusion.q_sample(self.image, step, _randn_like(self.image, generator))
+        return torch.lerp(x, known, self.keep.to(x.dtype))
+
+
 @torch.no_grad()
 def ddpm_sample_loop(
     diffusion: GaussianDiffusion,
@@ -54,6 +82,7 @@ def ddpm_sample_loop(
     device: torch.device | str | None = None,
     thresholding: Thresholding = None,
     noise: torch.Tensor | None = None,
+    inpaint: Inpainting | None = None,
 ) -> Iterator[SamplerStep]:
     """Ancestral sampling: x_{t-1} ~ q(x_{t-1} | x_t, x0 = predicted x0).
 
@@ -61,13 +90,24 @@ def ddpm_sample_loop(
     of the (possibly respaced) process; the final step (t = 0) adds no noise,
     so the last sample is the last thresholded x0 prediction.
     ``noise``: optional initial x_T (shape ``shape``) instead of drawing it.
+    ``inpaint``: keep part of an image (:class:`Inpainting`, with its resampling).
     """
     threshold = _threshold_fn(thresholding)
     x = _initial_noise(shape, noise, generator, device)
+    repeats = inpaint.resample if inpaint is not None else 1
     for i in reversed(range(diffusion.num_timesteps)):
-        t, pred_x0 = _predict_x0(diffusion, model_fn, x, i, threshold)
-        mean, variance = diffusion.q_posterior_mean_variance(pred_x0, x, t)
-        x = mean + variance.sqrt() * _randn_like(x, generator) if i > 0 else mean
+        for repeat in range(repeats):
+            t, pred_x0 = _predict_x0(diffusion, model_fn, x, i, threshold)
+            mean, variance = diffusion.q_posterior_mean_variance(pred_x0, x, t)
+            previous = mean + variance.sqrt() * _randn_like(x, generator) if i > 0 else mean
+            if inpaint is not None:
+                previous = inpaint.paste(diffusion, previous, i, generator)
+            if repeat == repeats - 1 or i == 0:
+                break
+            # RePaint's resampling: back to step i by q(x_i | x_{i-1}), then the step again.
+            beta = diffusion.betas[i].item()
+            x = math.sqrt(1 - beta) * previous + math.sqrt(beta) * _randn_like(x, generator)
+        x = previous
         yield SamplerStep(x, pred_x0, int(diffusion.timestep_map[i]))
 
 
@@ -82,6 +122,7 @@ def ddim_sample_loop(
     thresholding: Thresholding = None,
     noise: torch.Tensor | None = None,
     eta: float = 0.0,
+    inpaint: Inpainting | None = None,
 ) -> Iterator[SamplerStep]:
     """DDIM (Song et al. 2021, eq. 12).
 
@@ -102,6 +143,8 @@ def ddim_sample_loop(
         x = math.sqrt(ab_prev) * pred_x0 + math.sqrt(1 - ab_prev - sigma**2) * eps
         if sigma > 0:
             x = x + sigma * _randn_like(x, generator)
+        if inpaint is not None:
+            x = inpaint.paste(diffusion, x, i, generator)
         yield SamplerStep(x, pred_x0, int(diffusion.timestep_map[i]))
 
 
@@ -115,6 +158,7 @@ def dpm_solver_pp_2m_sample_loop(
     device: torch.device | str | None = None,
     thresholding: Thresholding = None,
     noise: torch.Tensor | None = None,
+    inpaint: Inpainting | None = None,
 ) -> Iterator[SamplerStep]:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, data-prediction ODE solver.
 
@@ -132,7 +176,7 @@ def dpm_solver_pp_2m_sample_loop(
     Deterministic given x_T; ``generator`` only draws x_T.
     """
     yield from _dpm_solver_pp_2m(diffusion, model_fn, shape, generator, device, thresholding, noise,
-                                 stochastic=False)
+                                 stochastic=False, inpaint=inpaint)
 
 
 @torch.no_grad()
@@ -145,6 +189,7 @@ def dpm_solver_pp_2m_sde_sample_loop(
     device: torch.device | str | None = None,
     thresholding: Thresholding = None,
     noise: torch.Tensor | None = None,
+    inpaint: Inpainting | None = None,
 ) -> Iterator[SamplerStep]:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, Sec. 5 and App. C): the same multistep
     second-order x0 extrapolation D as :func:`dpm_solver_pp_2m_sample_loop`, applied
@@ -159,7 +204,7 @@ def dpm_solver_pp_2m_sde_sample_loop(
     (README, "Sampling the cascade"), where the deterministic solvers do not.
     """
     yield from _dpm_solver_pp_2m(diffusion, model_fn, shape, generator, device, thresholding, noise,
-                                 stochastic=True)
+                                 stochastic=True, inpaint=inpaint)
 
 
 def _dpm_solver_pp_2m(
@@ -171,6 +216,7 @@ def _dpm_solver_pp_2m(
     thresholding: Thresholding,
     noise: torch.Tensor | None,
     stochastic: bool,
+    inpaint: Inpainting | None = None,
 ) -> Iterator[SamplerStep]:
     """The DPM-Solver++(2M) loop; ``stochastic`` picks the SDE update over the ODE one."""
     threshold = _threshold_fn(thresholding)
@@ -198,6 +244,8 @@ def _dpm_solver_pp_2m(
             else:
                 x = sigma_ratio * x - alpha_t * math.expm1(-h) * denoised
             previous_x0, previous_h = pred_x0, h
+        if inpaint is not None:
+            x = inpaint.paste(diffusion, x, i, generator)
         yield SamplerStep(x, pred_x0, int(diffusion.timestep_map[i]))
 
 
@@ -239,6 +287,9 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {tuple(SAMPLERS)}")
+    inpaint = options.get("inpaint")
+    if inpaint is not None and inpaint.resample > 1 and sampler != "ddpm":
+        raise ValueError(f"inpainting with resampling runs the ancestral sampler (ddpm), not {sampler!r}")
     if steps is not None:
         diffusion = diffusion.respace(steps)
     if init is not None:

@@ -21,7 +21,7 @@ from imagen.efficient_unet import EfficientUNet
 from imagen.errors import ImagenError
 from imagen.guidance import ClassifierFreeGuidance, draw_cond_drop
 from imagen.io import resolve_mixed_precision
-from imagen.samplers import SamplerStep, sample
+from imagen.samplers import Inpainting, SamplerStep, sample
 from imagen.super_resolution import downsample, draw_aug_levels, noise_augment
 from imagen.text import EncodedText
 from imagen.unet import UNet
@@ -80,7 +80,7 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
                  guidance: float | None = None, steps: int | None = None, sampler: str | None = None,
                  generator: torch.Generator | None = None, low_res: torch.Tensor | None = None,
                  aug_level: float | None = None, thresholding: str | None = None,
-                 init: torch.Tensor | None = None, strength: float = 1.0,
+                 init: torch.Tensor | None = None, strength: float = 1.0, inpaint: Inpainting | None = None,
                  on_step: Callable[[SamplerStep], None] | None = None) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] for the B prompts of ``text``, with classifier-free guidance.
 
@@ -91,7 +91,8 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
     sampler's arithmetic stays in float32. Inputs may live anywhere: they are moved to the
     network's device, where the images are returned. ``init`` (B, C, H, W) in [-1, 1] with
     ``strength`` < 1 edits those images instead of sampling from noise (SDEdit, see
-    ``imagen.samplers.sample``).
+    ``imagen.samplers.sample``); ``inpaint`` keeps part of an image (``imagen.samplers.Inpainting``,
+    at this stage's size).
     """
     sampling = config.sampling
     sampler = sampler or sampling.sampler
@@ -126,5 +127,7 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
         thresholding={**dataclasses.asdict(config.thresholding), **({"mode": thresholding} if thresholding else {})},
         init=None if init is None else init.to(device), strength=strength,
         on_step=on_step, **({"eta": sampling.eta} if sampler == "ddim" else {}),
+        **({"inpaint": Inpainting(inpaint.image.to(device), inpaint.keep.to(device), inpaint.resample)}
+           if inpaint is not None else {}),
     )
     return images.clamp(-1.0, 1.0)

@@ -138,3 +138,29 @@ def test_image_to_image_edits_the_base_stage_and_runs_the_rest(trained, tmp_path
     bad = sample_cli(trained, "--prompts", "seven", "--init-images", str(tmp_path / "seven.png"), "--strength", "2",
                      "--output-dir", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "--strength 2.0: expected a number in [0, 1]" in bad.stderr
+
+
+def test_inpainting_keeps_the_known_part_at_every_stage(trained, tmp_path, mnist_root):
+    from imagen.cascade import inpainting_at
+    from imagen.data import MNISTTextDataset
+
+    cascade = Cascade.from_checkpoints([trained / "base", trained / "sr"], device="cpu")
+    digits = MNISTTextDataset(mnist_root, 32, split="test").get_batch([0, 1])[0]
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[..., 16:, :] = 1.0  # draw the bottom half
+    out = cascade.sample(["seven", "2"], steps=3, inpaint_images=digits, inpaint_masks=masks)
+    for stage, size in zip(out.stages, (16, 32)):
+        known = inpainting_at(size, digits, masks, 1)
+        kept = known.keep.bool().expand_as(stage)
+        assert torch.equal(stage[kept], known.image[kept]) and not torch.equal(stage[~kept], known.image[~kept])
+    Image.fromarray(((digits[0, 0] + 1) * 127.5).round().byte().numpy()).save(tmp_path / "digit.png")
+    Image.fromarray((masks[0, 0] * 255).byte().numpy()).save(tmp_path / "mask.png")
+    result = sample_cli(trained, "--prompts", "seven", "--inpaint-images", str(tmp_path / "digit.png"),
+                        "--inpaint-masks", str(tmp_path / "mask.png"), "--sampler", "ddpm", "--inpaint-resample", "2",
+                        "--steps", "3", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["inpaint_resample"] == 2
+    bad = sample_cli(trained, "--prompts", "seven", "--inpaint-images", str(tmp_path / "digit.png"),
+                     "--inpaint-masks", str(tmp_path / "mask.png"), "--inpaint-resample", "2",
+                     "--output-dir", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "add --sampler ddpm" in bad.stderr

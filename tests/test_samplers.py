@@ -230,3 +230,36 @@ def test_image_to_image_ends_at_the_data_and_its_ends_are_sampling_and_the_input
     assert torch.equal(run_oracle(sampler, 50, init=init, strength=0.0, seed=3), init)
     with pytest.raises(ValueError, match="strength"):
         run_oracle(sampler, 50, init=init, strength=1.5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_inpainting_keeps_the_known_region_and_samples_the_rest(sampler):
+    from imagen.samplers import Inpainting
+
+    image = MU + SIGMA * torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    keep = torch.zeros(1, 1, 4, 4)
+    keep[..., :2] = 1.0  # the left half is known
+    result = run_oracle(sampler, 50, inpaint=Inpainting(image, keep))
+    assert torch.equal(result[..., :2], image[..., :2])
+    drawn = result[..., 2:]
+    assert abs(drawn.mean().item() - MU) < 0.02 and abs(drawn.std().item() / SIGMA - 1) < 0.1
+    assert torch.corrcoef(torch.stack([drawn.flatten(), image[..., 2:].flatten()]))[0, 1].abs() < 0.05
+
+
+def test_inpainting_resamples_each_step_with_the_ancestral_sampler():
+    from imagen.samplers import Inpainting
+
+    image = MU + SIGMA * torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    keep = torch.zeros(1, 1, 4, 4)
+    keep[..., :2] = 1.0
+    calls = []
+    result = run_oracle("ddpm", 20, inpaint=Inpainting(image, keep, resample=3), on_step=calls.append)
+    assert torch.equal(result[..., :2], image[..., :2]) and len(calls) == 20  # one yielded step per timestep
+    evaluations = []
+    diffusion = GaussianDiffusion.from_schedule("cosine", 1000)
+    oracle = gaussian_oracle("eps")
+    sample(diffusion, lambda x, t: evaluations.append(1) or oracle(x, t), SHAPE, sampler="ddpm", steps=20,
+           generator=torch.Generator().manual_seed(0), inpaint=Inpainting(image, keep, resample=3))
+    assert len(evaluations) == 19 * 3 + 1  # every step three times, the last once
+    with pytest.raises(ValueError, match="resampling runs the ancestral sampler"):
+        run_oracle("ddim", 20, inpaint=Inpainting(image, keep, resample=3))
