@@ -121,3 +121,14 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
     again = subprocess.run(["bash", "benchmarks/gpu_cascade.sh", str(out)], cwd=REPO_ROOT, capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 2 and "already holds a report.json" in again.stderr
+
+
+def test_the_inpainting_benchmark_reports_both_prompts(trained, classifier, mnist_root, tmp_path):
+    result = python("benchmarks/inpaint_digits.py", "--checkpoints", str(trained / "base"), str(trained / "sr"),
+                    "--data-root", str(mnist_root), "--output-dir", str(tmp_path), "--num-images", "20", "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["num_images"] == 20 and report["keep"] == "top"
+    for key in ("same_digit_prompt_accuracy", "next_digit_prompt_accuracy", "next_digit_reads_as_given_digit"):
+        assert 0 <= report[key] <= 1
+    assert json.loads((tmp_path / "report.json").read_text()) == report and (tmp_path / "grid.png").is_file()
