@@ -199,14 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     init_images = None
     if args.init_images:
         base = cascade.stages[0].config.unet
-        paths = image_files(args.init_images, "--init-images")
-        if len(paths) not in (1, len(prompts)):
-            raise ImagenError(f"--init-images: {len(paths)} images for {len(prompts)} prompts; give one image for "
-                              "all prompts or one per prompt.")
-        images = [to_model_images(read_image(path, base.channels)[None], base.image_size, base.channels)[0]
-                  for path in paths]
-        init_images = torch.stack([images[min(i, len(images) - 1)] for i in range(len(prompts))
-                                   for _ in range(args.num_per_prompt)])
+        init_images = read_per_prompt(args.init_images, "--init-images", len(prompts), base.channels,
+                                      base.image_size).repeat_interleave(args.num_per_prompt, dim=0)
     inpaint_images = inpaint_masks = None
     if args.inpaint_images:
         last = cascade.stages[-1].config.unet
