@@ -36,9 +36,9 @@ from imagen.cli import (
     run_script,
     stage_folders,
 )
+from imagen.config import SAMPLER_NAMES
 from imagen.errors import ImagenError
 from imagen.io import atomic_write
-from imagen.samplers import SAMPLERS
 
 # What this script writes into --output-dir; --overwrite replaces exactly these.
 OUTPUTS = ("report.json", "sweep.csv", "sweep.png", "samples")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", help="guidance weight, or one per stage: 5 or 5,3 (default: configs)")
     parser.add_argument("--guidance-sweep", help="weights for the evaluated stage, e.g. 0,1,2,3,5,7")
     parser.add_argument("--steps", help="sampling steps, or one per stage")
-    parser.add_argument("--sampler", help=f"{' | '.join(SAMPLERS)}, or one per stage")
+    parser.add_argument("--sampler", help=f"{' | '.join(SAMPLER_NAMES)}, or one per stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: each stage's config)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     sweep = per_stage_values(args.guidance_sweep, "--guidance-sweep", float)
     settings = {"guidance": per_stage_values(args.guidance, "--guidance", float),
                 "steps": per_stage_values(args.steps, "--steps", int),
-                "sampler": per_stage_values(args.sampler, "--sampler", str, tuple(SAMPLERS))}
+                "sampler": per_stage_values(args.sampler, "--sampler", str, SAMPLER_NAMES)}
     from imagen.cascade import load_stage, per_stage
     from imagen.classifier import load_or_train_classifier
     from imagen.evaluation import Evaluator

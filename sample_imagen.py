@@ -36,9 +36,9 @@ from imagen.cli import (
     run_script,
     stage_folders,
 )
+from imagen.config import SAMPLER_NAMES
 from imagen.diffusion import THRESHOLD_MODES
 from imagen.errors import ImagenError
-from imagen.samplers import SAMPLERS
 
 
 def safe_name(prompt: str, limit: int = 40) -> str:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                              "them); default 0.6")
     parser.add_argument("--guidance", help="guidance weight, or one per stage: 5 or 5,3")
     parser.add_argument("--steps", help="sampling steps, or one per stage: 50 or 50,25")
-    parser.add_argument("--sampler", help=f"{' | '.join(SAMPLERS)}, or one per stage")
+    parser.add_argument("--sampler", help=f"{' | '.join(SAMPLER_NAMES)}, or one per stage")
     parser.add_argument("--thresholding", help=f"{' | '.join(THRESHOLD_MODES)}, or one per stage")
     parser.add_argument("--sample-aug-level", type=float, help="noise level of the super-resolution inputs, in [0, 1]")
     parser.add_argument("--seed", type=int, default=0)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {
         "guidance": per_stage_values(args.guidance, "--guidance", float),
         "steps": per_stage_values(args.steps, "--steps", int),
-        "sampler": per_stage_values(args.sampler, "--sampler", str, tuple(SAMPLERS)),
+        "sampler": per_stage_values(args.sampler, "--sampler", str, SAMPLER_NAMES),
         "thresholding": per_stage_values(args.thresholding, "--thresholding", str, THRESHOLD_MODES),
     }
     import torch
@@ -217,9 +217,10 @@ def main(argv: list[str] | None = None) -> None:
                           f"sample with {', '.join(samplers)}: add --sampler ddpm.")
     for index, stage in enumerate(cascade.stages):
         steps = resolved["steps"][index]
-        if steps is not None and steps > stage.config.diffusion.timesteps:
+        diffusion = stage.config.diffusion
+        if steps is not None and diffusion.formulation == "ddpm" and steps > diffusion.timesteps:
             raise ImagenError(
-                f"--steps {args.steps}: stage {index} has only {stage.config.diffusion.timesteps} timesteps.")
+                f"--steps {args.steps}: stage {index} has only {diffusion.timesteps} timesteps.")
     all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
     result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
                             batch_size=args.batch_size, low_res=low_res, init_images=init_images,

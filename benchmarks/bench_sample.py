@@ -18,15 +18,15 @@ import time
 import torch
 
 from imagen.cli import add_debug_argument, per_stage_values, run_script
+from imagen.config import SAMPLER_NAMES
 from imagen.errors import ImagenError
-from imagen.samplers import SAMPLERS
 
 
 def parse_setting(text: str) -> tuple[str, int]:
     """'ddpm:100' -> ('ddpm', 100)."""
     sampler, _, steps = text.partition(":")
-    if sampler not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
-        raise ImagenError(f"--samplers {text}: expected SAMPLER:STEPS with SAMPLER one of {', '.join(SAMPLERS)} "
+    if sampler not in SAMPLER_NAMES or not steps.isdigit() or int(steps) < 1:
+        raise ImagenError(f"--samplers {text}: expected SAMPLER:STEPS with SAMPLER one of {', '.join(SAMPLER_NAMES)} "
                           "and STEPS a positive integer, e.g. ddpm:100.")
     return sampler, int(steps)
 

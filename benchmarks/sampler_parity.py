@@ -22,16 +22,16 @@ import sys
 from pathlib import Path
 
 from imagen.cli import add_debug_argument, run_script
+from imagen.config import SAMPLER_NAMES
 from imagen.errors import ImagenError
-from imagen.samplers import SAMPLERS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_setting(text: str) -> tuple[str, int]:
     sampler, _, steps = text.partition(":")
-    if sampler not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
-        raise ImagenError(f"{text!r}: expected SAMPLER:STEPS with SAMPLER one of {', '.join(SAMPLERS)} "
+    if sampler not in SAMPLER_NAMES or not steps.isdigit() or int(steps) < 1:
+        raise ImagenError(f"{text!r}: expected SAMPLER:STEPS with SAMPLER one of {', '.join(SAMPLER_NAMES)} "
                           f"and STEPS a positive integer, e.g. dpmpp_2m_sde:50.")
     return sampler, int(steps)
 

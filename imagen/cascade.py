@@ -22,11 +22,10 @@ from tqdm import tqdm
 
 from imagen.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, load_state, load_weights_strictly
 from imagen.config import StageConfig, check_stage_order, load_stage_config
-from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, seeded_generator
 from imagen.samplers import Inpainting
-from imagen.stage import build_diffusion, build_network, sample_stage
+from imagen.stage import Diffusion, build_diffusion, build_network, sample_stage
 from imagen.text import EncodedText, TextEmbeddingCache, check_text_probes, probe_embeddings
 
 T = TypeVar("T")
@@ -40,7 +39,7 @@ class Stage:
     step: int
     config: StageConfig
     network: nn.Module
-    diffusion: GaussianDiffusion
+    diffusion: Diffusion
 
 
 def load_stage(path: str | Path, device: torch.device, weights: str = "ema") -> Stage:

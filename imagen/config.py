@@ -191,19 +191,60 @@ class EfficientUNetConfig(UNetConfig):
 
 
 @dataclass
+class EDMConfig:
+    """The EDM formulation's settings (Karras et al. 2022; the paper's names in brackets), used
+    when ``diffusion.formulation`` is edm. Defaults are the paper's."""
+
+    sigma_data: float = 0.5  # standard deviation of the data, for the preconditioning
+    p_mean: float = -1.2  # [P_mean] training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2  # [P_std]
+    sigma_min: float = 0.002  # sampling noise levels run from sigma_max down to sigma_min, then 0,
+    sigma_max: float = 80.0  # spaced by rho
+    rho: float = 7.0
+    # heun_stochastic only: noise added back per step [S_churn] while sigma is in [s_tmin, s_tmax],
+    # scaled by s_noise (Algorithm 2).
+    s_churn: float = 40.0
+    s_tmin: float = 0.05
+    s_tmax: float = 50.0
+    s_noise: float = 1.003
+
+    def validate(self) -> None:
+        require(self.sigma_data > 0, "sigma_data", "a positive number")
+        require(self.p_std > 0, "p_std", "a positive number")
+        require(self.sigma_min > 0, "sigma_min", "a positive number")
+        require(self.sigma_max > self.sigma_min, "sigma_max", "a number above sigma_min")
+        require(self.rho > 0, "rho", "a positive number")
+        require(self.s_churn >= 0, "s_churn", "a number >= 0")
+        require(0 <= self.s_tmin <= self.s_tmax, "s_tmin", "a number in [0, s_tmax]")
+        require(self.s_noise >= 0, "s_noise", "a number >= 0")
+
+
+# The samplers of each formulation (imagen.samplers, imagen.elucidated).
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"), "edm": ("heun", "heun_stochastic")}
+SAMPLER_NAMES = SAMPLERS["ddpm"] + SAMPLERS["edm"]
+
+
+@dataclass
 class DiffusionConfig:
+    # ddpm: discrete-time Gaussian diffusion (the paper's); edm: Karras et al.'s formulation,
+    # set in ``edm``. schedule and timesteps also define noise conditioning augmentation's
+    # forward process under edm.
+    formulation: Literal["ddpm", "edm"] = "ddpm"
     schedule: Literal["cosine", "linear"] = "cosine"
     timesteps: int = 1000
-    # What the network predicts: the noise (the paper) or v = sqrt(ab)*eps - sqrt(1-ab)*x0.
+    # What the network predicts under ddpm: the noise (the paper) or v = sqrt(ab)*eps - sqrt(1-ab)*x0.
     objective: Literal["eps", "v"] = "eps"
-    # Min-SNR-gamma loss weighting (Hang et al. 2023); null = unweighted.
+    # Min-SNR-gamma loss weighting under ddpm (Hang et al. 2023); null = unweighted.
     min_snr_gamma: Optional[float] = None
     linear_beta_start: float = 1e-4
     linear_beta_end: float = 0.02
+    edm: EDMConfig = field(default_factory=EDMConfig)
 
     def validate(self) -> None:
         require(self.timesteps >= 2, "timesteps", "an integer >= 2")
         require(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "a positive number or null")
+        require(self.min_snr_gamma is None or self.formulation == "ddpm", "min_snr_gamma",
+                "null under formulation edm, which weights its loss by the preconditioning")
         require(0 < self.linear_beta_start < 1, "linear_beta_start", "a number in (0, 1)")
         require(
             self.linear_beta_start < self.linear_beta_end < 1,
@@ -245,7 +286,9 @@ class ThresholdingConfig:
 class SamplingConfig:
     """Defaults for sampling this stage; every one can be overridden per run."""
 
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"] = "dpmpp_2m_sde"
+    # ddpm formulation: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde; edm: heun, heun_stochastic.
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun", "heun_stochastic"] = "dpmpp_2m_sde"
+    # Sampling steps; a heun step evaluates the network twice (the last one once).
     steps: int = 50
     guidance: float = 5.0
     # DDIM stochasticity: 0 is deterministic DDIM, 1 matches DDPM's variance.
@@ -393,8 +436,12 @@ class StageConfig:
         return self.super_resolution is not None
 
     def validate(self) -> None:
+        formulation = self.diffusion.formulation
+        require(self.sampling.sampler in SAMPLERS[formulation], "sampling.sampler",
+                f"a sampler of the {formulation} formulation (diffusion.formulation): "
+                f"{', '.join(SAMPLERS[formulation])}")
         require(
-            self.sampling.steps <= self.diffusion.timesteps,
+            formulation == "edm" or self.sampling.steps <= self.diffusion.timesteps,
             "sampling.steps",
             f"at most diffusion.timesteps ({self.diffusion.timesteps})",
         )

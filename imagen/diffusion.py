@@ -180,7 +180,8 @@ class GaussianDiffusion:
 
         Returns:
             "loss": (B,) weighted loss, "mse": (B,) unweighted, "t": (B,) the
-            step indices used (for logging loss per timestep quartile).
+            step indices used and "noise_quartile": (B,) their quartile (0: least
+            noisy), for logging the loss per noise level.
         """
         batch = x0.shape[0]
         if t is None:
@@ -198,7 +199,7 @@ class GaussianDiffusion:
         loss = mse
         if min_snr_gamma is not None:
             loss = mse * self.min_snr_weight(t, min_snr_gamma).to(mse.dtype).to(mse.device)
-        return {"loss": loss, "mse": mse, "t": t}
+        return {"loss": loss, "mse": mse, "t": t, "noise_quartile": t * 4 // self.num_timesteps}
 
     def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-gamma loss weight at step indices t (B,): float64 (B,), on the CPU."""

@@ -68,7 +68,7 @@ class Inpainting:
             known = self.image
         else:
             step = torch.full((x.shape[0],), i - 1, dtype=torch.long, device=x.device)
-            known = diffusion.q_sample(self.image, step, _randn_like(self.image, generator))
+            known = diffusion.q_sample(self.image, step, randn_like(self.image, generator))
         return torch.lerp(x, known, self.keep.to(x.dtype))
 
 
@@ -92,21 +92,21 @@ def ddpm_sample_loop(
     ``noise``: optional initial x_T (shape ``shape``) instead of drawing it.
     ``inpaint``: keep part of an image (:class:`Inpainting`, with its resampling).
     """
-    threshold = _threshold_fn(thresholding)
+    threshold = threshold_fn(thresholding)
     x = _initial_noise(shape, noise, generator, device)
     repeats = inpaint.resample if inpaint is not None else 1
     for i in reversed(range(diffusion.num_timesteps)):
         for repeat in range(repeats):
             t, pred_x0 = _predict_x0(diffusion, model_fn, x, i, threshold)
             mean, variance = diffusion.q_posterior_mean_variance(pred_x0, x, t)
-            previous = mean + variance.sqrt() * _randn_like(x, generator) if i > 0 else mean
+            previous = mean + variance.sqrt() * randn_like(x, generator) if i > 0 else mean
             if inpaint is not None:
                 previous = inpaint.paste(diffusion, previous, i, generator)
             if repeat == repeats - 1 or i == 0:
                 break
             # RePaint's resampling: back to step i by q(x_i | x_{i-1}), then the step again.
             beta = diffusion.betas[i].item()
-            x = math.sqrt(1 - beta) * previous + math.sqrt(beta) * _randn_like(x, generator)
+            x = math.sqrt(1 - beta) * previous + math.sqrt(beta) * randn_like(x, generator)
         x = previous
         yield SamplerStep(x, pred_x0, int(diffusion.timestep_map[i]))
 
@@ -132,7 +132,7 @@ def ddim_sample_loop(
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
-    threshold = _threshold_fn(thresholding)
+    threshold = threshold_fn(thresholding)
     x = _initial_noise(shape, noise, generator, device)
     for i in reversed(range(diffusion.num_timesteps)):
         t, pred_x0 = _predict_x0(diffusion, model_fn, x, i, threshold)
@@ -142,7 +142,7 @@ def ddim_sample_loop(
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
         x = math.sqrt(ab_prev) * pred_x0 + math.sqrt(1 - ab_prev - sigma**2) * eps
         if sigma > 0:
-            x = x + sigma * _randn_like(x, generator)
+            x = x + sigma * randn_like(x, generator)
         if inpaint is not None:
             x = inpaint.paste(diffusion, x, i, generator)
         yield SamplerStep(x, pred_x0, int(diffusion.timestep_map[i]))
@@ -219,7 +219,7 @@ def _dpm_solver_pp_2m(
     inpaint: Inpainting | None = None,
 ) -> Iterator[SamplerStep]:
     """The DPM-Solver++(2M) loop; ``stochastic`` picks the SDE update over the ODE one."""
-    threshold = _threshold_fn(thresholding)
+    threshold = threshold_fn(thresholding)
     x = _initial_noise(shape, noise, generator, device)
     log_snr = 0.5 * torch.log(diffusion.snr)  # lambda per step index, float64
     previous_x0: torch.Tensor | None = None
@@ -240,7 +240,7 @@ def _dpm_solver_pp_2m(
                 denoised = (1 + 1 / (2 * r)) * pred_x0 - (1 / (2 * r)) * previous_x0
             if stochastic:
                 x = (sigma_ratio * math.exp(-h) * x - alpha_t * math.expm1(-2 * h) * denoised
-                     + sigma_t * math.sqrt(-math.expm1(-2 * h)) * _randn_like(x, generator))
+                     + sigma_t * math.sqrt(-math.expm1(-2 * h)) * randn_like(x, generator))
             else:
                 x = sigma_ratio * x - alpha_t * math.expm1(-h) * denoised
             previous_x0, previous_h = pred_x0, h
@@ -300,7 +300,7 @@ def sample(
             return init
         if count < diffusion.num_timesteps:
             start = torch.full((init.shape[0],), count - 1, dtype=torch.long, device=init.device)
-            noise = diffusion.q_sample(init, start, _randn_like(init, generator))
+            noise = diffusion.q_sample(init, start, randn_like(init, generator))
             diffusion = diffusion.first_steps(count)
     loop = SAMPLERS[sampler](diffusion, model_fn, shape, generator=generator, device=device,
                              thresholding=thresholding, noise=noise, **options)
@@ -311,7 +311,8 @@ def sample(
     return final
 
 
-def _threshold_fn(thresholding: Thresholding) -> Callable[[torch.Tensor], torch.Tensor]:
+def threshold_fn(thresholding: Thresholding) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The x0 -> x0 function a ``Thresholding`` setting stands for."""
     if thresholding is None:
         return lambda x0: x0
     if isinstance(thresholding, Mapping):
@@ -345,5 +346,6 @@ def _predict_x0(
     return t, threshold(diffusion.x0_from_output(x, t, model_output))
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, on its device and dtype, drawn from ``generator``."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -4,6 +4,8 @@ is trained (:func:`training_losses`) and sampled (:func:`sample_stage`).
 Both sides apply Imagen's conditioning the same way: classifier-free guidance (conditions
 dropped in training, guided at sampling) and, for super-resolution stages, noise
 conditioning augmentation of the low-resolution input, whose level the network is told.
+The stage's ``diffusion.formulation`` picks the process: a :class:`GaussianDiffusion` (ddpm)
+or an :class:`ElucidatedDiffusion` (edm); both train and sample through the same calls.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from imagen.config import StageConfig
+from imagen import elucidated, samplers
+from imagen.config import SAMPLERS, StageConfig
 from imagen.diffusion import GaussianDiffusion
 from imagen.efficient_unet import EfficientUNet
+from imagen.elucidated import ElucidatedDiffusion
 from imagen.errors import ImagenError
 from imagen.guidance import ClassifierFreeGuidance, draw_cond_drop
 from imagen.io import resolve_mixed_precision
-from imagen.samplers import Inpainting, SamplerStep, sample
+from imagen.samplers import Inpainting, SamplerStep
 from imagen.super_resolution import downsample, draw_aug_levels, noise_augment
 from imagen.text import EncodedText
 from imagen.unet import UNet
@@ -37,7 +41,19 @@ def build_network(config: StageConfig, text_dim: int) -> nn.Module:
                    config.super_resolution)
 
 
-def build_diffusion(config: StageConfig) -> GaussianDiffusion:
+Diffusion = GaussianDiffusion | ElucidatedDiffusion
+
+
+def build_diffusion(config: StageConfig) -> Diffusion:
+    """The stage's process, per ``diffusion.formulation``."""
+    if config.diffusion.formulation == "edm":
+        return ElucidatedDiffusion(**dataclasses.asdict(config.diffusion.edm))
+    return build_augmentation_process(config)
+
+
+def build_augmentation_process(config: StageConfig) -> GaussianDiffusion:
+    """The variance-preserving forward process of ``diffusion.schedule``: the ddpm formulation's
+    process, and under either formulation the one noise conditioning augmentation corrupts with."""
     diffusion = config.diffusion
     return GaussianDiffusion.from_schedule(
         diffusion.schedule, diffusion.timesteps, diffusion.objective,
@@ -45,10 +61,15 @@ def build_diffusion(config: StageConfig) -> GaussianDiffusion:
     )
 
 
-def training_losses(network: Callable[..., torch.Tensor], diffusion: GaussianDiffusion, config: StageConfig,
+def _augmentation_process(diffusion: Diffusion, config: StageConfig) -> GaussianDiffusion:
+    return diffusion if isinstance(diffusion, GaussianDiffusion) else build_augmentation_process(config)
+
+
+def training_losses(network: Callable[..., torch.Tensor], diffusion: Diffusion, config: StageConfig,
                     images: torch.Tensor, text: EncodedText, *,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The stage's per-sample losses on a batch (see ``GaussianDiffusion.training_losses``).
+    """The stage's per-sample losses on a batch (see ``GaussianDiffusion.training_losses`` and
+    ``ElucidatedDiffusion.training_losses``; both return "loss" and "noise_quartile").
 
     images: (B, C, H, W) in [-1, 1] at the stage's resolution; text: its prompts (B, L, D).
     Each row's text is replaced by the null condition with probability
@@ -65,7 +86,10 @@ def training_losses(network: Callable[..., torch.Tensor], diffusion: GaussianDif
         levels = draw_aug_levels(images.shape[0], super_resolution.train_aug_range, device=images.device,
                                  generator=generator)
         cond["low_res"], cond["aug_level"] = noise_augment(
-            diffusion, downsample(images, super_resolution.low_res_size), levels, generator=generator)
+            _augmentation_process(diffusion, config), downsample(images, super_resolution.low_res_size), levels,
+            generator=generator)
+    if isinstance(diffusion, ElucidatedDiffusion):
+        return diffusion.training_losses(network, images, generator=generator, **cond)
     return diffusion.training_losses(network, images, generator=generator,
                                      min_snr_gamma=config.diffusion.min_snr_gamma, **cond)
 
@@ -76,7 +100,7 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: StageConfig, text: EncodedText, *,
+def sample_stage(network: nn.Module, diffusion: Diffusion, config: StageConfig, text: EncodedText, *,
                  guidance: float | None = None, steps: int | None = None, sampler: str | None = None,
                  generator: torch.Generator | None = None, low_res: torch.Tensor | None = None,
                  aug_level: float | None = None, thresholding: str | None = None,
@@ -92,10 +116,14 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
     network's device, where the images are returned. ``init`` (B, C, H, W) in [-1, 1] with
     ``strength`` < 1 edits those images instead of sampling from noise (SDEdit, see
     ``imagen.samplers.sample``); ``inpaint`` keeps part of an image (``imagen.samplers.Inpainting``,
-    at this stage's size).
+    at this stage's size). ``sampler`` must belong to the stage's formulation.
     """
     sampling = config.sampling
     sampler = sampler or sampling.sampler
+    formulation = config.diffusion.formulation
+    if sampler not in SAMPLERS[formulation]:
+        raise ImagenError(f"sampler {sampler!r} does not sample the {formulation} formulation this stage was "
+                          f"trained with; use one of {', '.join(SAMPLERS[formulation])}.")
     device = next(network.parameters()).device
     levels = None
     if config.super_resolution is not None:
@@ -104,7 +132,8 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
         level = config.super_resolution.sample_aug_level if aug_level is None else aug_level
         low_res = low_res.to(device)
         levels = torch.full((low_res.shape[0],), float(level), device=device)
-        low_res, levels = noise_augment(diffusion, low_res, levels, generator=generator)
+        low_res, levels = noise_augment(_augmentation_process(diffusion, config), low_res, levels,
+                                        generator=generator)
     guided = functools.partial(
         ClassifierFreeGuidance(network, sampling.guidance if guidance is None else guidance),
         text_emb=text.embeddings.to(device),
@@ -121,7 +150,8 @@ def sample_stage(network: nn.Module, diffusion: GaussianDiffusion, config: Stage
             return guided(x, t).float()
 
     size, channels = config.unet.image_size, config.unet.channels
-    images = sample(
+    run = elucidated.sample if isinstance(diffusion, ElucidatedDiffusion) else samplers.sample
+    images = run(
         diffusion, model_fn, (len(text.mask), channels, size, size),
         sampler=sampler, steps=steps or sampling.steps, generator=generator, device=device,
         thresholding={**dataclasses.asdict(config.thresholding), **({"mode": thresholding} if thresholding else {})},

@@ -38,7 +38,6 @@ from imagen.checkpoint import (
 )
 from imagen.config import ConfigError, StageConfig, config_to_dict, config_to_yaml, load_stage_config, save_config
 from imagen.data import MNISTScenesDataset, MNISTTextDataset, build_dataset
-from imagen.diffusion import GaussianDiffusion
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, resolve_mixed_precision, save_png, seeded_generator, to_host
 from imagen.run_folder import (
@@ -49,7 +48,7 @@ from imagen.run_folder import (
     check_run_folder,
     remove_run_files,
 )
-from imagen.stage import build_diffusion, build_network, sample_stage, training_losses
+from imagen.stage import Diffusion, build_diffusion, build_network, sample_stage, training_losses
 from imagen.super_resolution import downsample
 from imagen.text import EncodedText, EncoderMismatchError, TextEmbeddingCache, check_text_probes, probe_embeddings
 from imagen.throughput import check_memory, peak_memory_mb
@@ -188,7 +187,7 @@ class Trainer:
     """
 
     def __init__(self, config: StageConfig, run_dir: str | Path, *, network: nn.Module,
-                 diffusion: GaussianDiffusion, dataset, text_table: EncodedText | None, grid: GridExamples,
+                 diffusion: Diffusion, dataset, text_table: EncodedText | None, grid: GridExamples,
                  text_probes: EncodedText | None = None, accelerator=None, device: torch.device | str | None = None,
                  started: float | None = None):
         self.config = config
@@ -492,7 +491,7 @@ class Trainer:
     @staticmethod
     def _new_interval() -> dict:
         """What the next log line averages; losses stay tensors on the device until then."""
-        return {"loss": [], "t": [], "grad_norm": [], "images": 0, "start": time.perf_counter()}
+        return {"loss": [], "noise_quartile": [], "grad_norm": [], "images": 0, "start": time.perf_counter()}
 
     def train_step(self) -> None:
         """One optimizer step over ``grad_accum_steps`` micro-batches, then the EMA update."""
@@ -509,8 +508,8 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
             interval["loss"].append(losses["mse"].detach().float())
-            interval["t"].append(losses["t"])
-            interval["images"] += losses["t"].numel() * accelerator.num_processes
+            interval["noise_quartile"].append(losses["noise_quartile"])
+            interval["images"] += losses["loss"].numel() * accelerator.num_processes
         self.step += 1
         self.ema.update(accelerator.unwrap_model(self.network), self.step)
 
@@ -551,8 +550,7 @@ class Trainer:
         accelerator.end_training()
 
     def _log(self, interval: dict, elapsed: float) -> dict:
-        losses, timesteps = to_host(torch.cat(interval["loss"])), to_host(torch.cat(interval["t"]))
-        quartile = timesteps * 4 // self.diffusion.num_timesteps
+        losses, quartile = to_host(torch.cat(interval["loss"])), to_host(torch.cat(interval["noise_quartile"]))
         grad_norms = [to_host(torch.as_tensor(g)).float() for g in interval["grad_norm"]]
         record = {
             "step": self.step,
