@@ -32,6 +32,7 @@ from imagen.cli import (
     add_debug_argument,
     add_stage_sources,
     check_seed,
+    check_stage_settings,
     per_stage_values,
     run_script,
     stage_folders,
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = args.mode or default_mode(stages)
     check_count(mode, args.num_images)
     resolved = {name: per_stage(values, len(stages), f"--{name}") for name, values in settings.items()}
+    check_stage_settings([stage.config for stage in stages], resolved["sampler"], resolved["steps"])
     sr_index = -1 if args.stage is None else min(args.stage, len(stages) - 1)
     evaluated = stages[0] if mode != "sr" else stages[sr_index]
     data_root = args.data_root or evaluated.config.data.root

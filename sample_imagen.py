@@ -32,6 +32,7 @@ from imagen.cli import (
     add_debug_argument,
     add_stage_sources,
     check_seed,
+    check_stage_settings,
     per_stage_values,
     run_script,
     stage_folders,
@@ -215,12 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.inpaint_images and args.inpaint_resample > 1 and set(samplers) != {"ddpm"}:
         raise ImagenError(f"--inpaint-resample {args.inpaint_resample} runs the ancestral sampler, but the stages "
                           f"sample with {', '.join(samplers)}: add --sampler ddpm.")
-    for index, stage in enumerate(cascade.stages):
-        steps = resolved["steps"][index]
-        diffusion = stage.config.diffusion
-        if steps is not None and diffusion.formulation == "ddpm" and steps > diffusion.timesteps:
-            raise ImagenError(
-                f"--steps {args.steps}: stage {index} has only {diffusion.timesteps} timesteps.")
+    check_stage_settings([stage.config for stage in cascade.stages], resolved["sampler"], resolved["steps"])
     all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
     result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
                             batch_size=args.batch_size, low_res=low_res, init_images=init_images,

@@ -106,6 +106,7 @@ MNIST_DAMAGE = {
 def table(root: Path, trained: Path, mnist: Path):
     base, sr = str(trained / "base"), str(trained / "sr")
     cpu_base, cpu_sr = "configs/mnist_cpu/base.yaml", "configs/mnist_cpu/sr.yaml"
+    edm_base = "configs/mnist_cpu/base_edm.yaml"
     data = ["--set", f"data.root={mnist}"]
     out = ["--output-dir", str(root / "out")]
     train_out = ["--output-dir", str(root / "train_out")]
@@ -179,6 +180,16 @@ def table(root: Path, trained: Path, mnist: Path):
         (T, ["--config", cpu_base, "--set", "sampling.eta=2"], "'sampling.eta'"),
         (T, ["--config", cpu_base, "--set", "unet.channels=2"], "1 (grey) or 3 (RGB)"),
         (T, ["--config", cpu_base, "--set", "training.max_minutes=-1"], "'training.max_minutes'"),
+        # The EDM formulation's settings.
+        (T, ["--config", cpu_base, "--set", "diffusion.formulation=edm"], "a sampler of the edm formulation"),
+        (T, ["--config", cpu_base, "--set", "sampling.sampler=heun"], "a sampler of the ddpm formulation"),
+        (T, ["--config", cpu_base, "--set", "diffusion.formulation=karras"], "'diffusion.formulation'"),
+        (T, ["--config", edm_base, "--set", "diffusion.edm.sigma_max=.inf"], "'diffusion.edm.sigma_max'"),
+        (T, ["--config", edm_base, "--set", "diffusion.edm.sigma_min=0"], "'diffusion.edm.sigma_min'"),
+        (T, ["--config", edm_base, "--set", "diffusion.edm.rho=-7"], "'diffusion.edm.rho'"),
+        (T, ["--config", edm_base, "--set", "diffusion.edm.s_churn=-1"], "'diffusion.edm.s_churn'"),
+        (T, ["--config", edm_base, "--set", "diffusion.min_snr_gamma=5"], "null under formulation edm"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--sampler", "heun", *out], "which samples with ddpm, ddim"),
         (P, ["--checkpoint", base, "--prompts", "1", "--guidance", "nan", *out], "finite numbers >= 0"),
         (P, ["--checkpoint", base, "--prompts", "1", "--guidance", "inf", *out], "finite numbers >= 0"),
         (P, ["--checkpoint", base, "--prompts", "1", "--seed", str(2**70), *out], "a seed in 0..4294967295"),
