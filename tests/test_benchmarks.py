@@ -132,3 +132,25 @@ def test_the_inpainting_benchmark_reports_both_prompts(trained, classifier, mnis
     for key in ("same_digit_prompt_accuracy", "next_digit_prompt_accuracy", "next_digit_reads_as_given_digit"):
         assert 0 <= report[key] <= 1
     assert json.loads((tmp_path / "report.json").read_text()) == report and (tmp_path / "grid.png").is_file()
+
+
+def test_the_formulations_benchmark_trains_evaluates_and_resumes(trained, classifier, mnist_root, tmp_path):
+    """benchmarks/formulations_cpu.sh with a 2-step budget: both formulations trained, every
+    checkpoint and the cascade evaluated, and a second run finds everything done."""
+    env = {**os.environ, "STEPS": "2", "EVERY": "1", "CHECKPOINT_IMAGES": "20", "NUM_IMAGES": "20",
+           "EXTRA": "--set training.batch_size=8 --set training.sample_guidance=[1] --set sampling.steps=2",
+           "EVAL_STEPS": "2"}
+    command = ["bash", "benchmarks/formulations_cpu.sh", str(tmp_path), str(trained / "sr"), str(mnist_root)]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for formulation, sampler in (("ddpm", "dpmpp_2m_sde"), ("edm", "heun")):
+        folder = tmp_path / formulation
+        assert sorted(p.name for p in folder.glob("eval_step_*")) == ["eval_step_00000001", "eval_step_00000002"]
+        cascade = json.loads((folder / "eval_cascade" / "report.json").read_text())
+        assert cascade["num_images"] == 20 and cascade["resolution"] == 32
+        saved = (folder / "base" / "config.yaml").read_text()
+        assert f"formulation: {formulation}" in saved and f"sampler: {sampler}" in saved
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.count("| 1 |") == 2 and summary.count("| 2 |") == 2 and "cascade at 32 px (20 images" in summary
+    again = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "train:" not in again.stderr and again.stdout.strip() == summary.strip()
