@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from imagen import elucidated, samplers
+from imagen.cascade import Cascade
 from imagen.checkpoint import latest_checkpoint
 from imagen.config import SAMPLERS, ConfigError, stage_config_from_dict
 from imagen.elucidated import ElucidatedDiffusion, sample
@@ -257,7 +258,7 @@ def test_the_formulation_is_validated(tiny_stage):
         sample_stage(build_network(config, 32), build_diffusion(config), config, text, sampler="heun")
 
 
-def test_an_edm_stage_trains_resumes_and_samples(tiny_stage, tmp_path):
+def test_an_edm_stage_trains_resumes_and_samples(tiny_stage, trained, tmp_path):
     config = tiny_stage(sample_every=2)
     config.diffusion.formulation, config.sampling.sampler = "edm", "heun_stochastic"
     trainer = Trainer.from_config(config, tmp_path / "run")
@@ -268,3 +269,17 @@ def test_an_edm_stage_trains_resumes_and_samples(tiny_stage, tmp_path):
     config.diffusion.formulation, config.sampling.sampler = "edm", "heun_stochastic"
     resumed = Trainer.from_config(config, tmp_path / "run", resume=True)
     assert isinstance(resumed.diffusion, ElucidatedDiffusion) and resumed.step == 2
+
+    # An EDM base stage feeds a ddpm super-resolution stage; editing and inpainting run through it.
+    cascade = Cascade.from_checkpoints([tmp_path / "run", trained / "sr"])
+    out = cascade.sample(["seven", "2"], steps=[2, 2], seed=0)
+    assert out.images.shape == (2, 1, 32, 32) and out.stages[0].shape == (2, 1, 16, 16)
+    assert torch.equal(cascade.sample(["seven", "2"], steps=[2, 2], seed=0).images, out.images)
+    init = torch.full((2, 1, 16, 16), -1.0)
+    kept = cascade.sample(["seven", "2"], steps=[4, 2], seed=0, init_images=init, strength=0.0)
+    assert torch.equal(kept.stages[0], init)
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[..., 16:, :] = 1
+    half = torch.rand(2, 1, 32, 32) * 2 - 1
+    painted = cascade.sample(["seven", "2"], steps=[2, 2], seed=0, inpaint_images=half, inpaint_masks=masks)
+    assert torch.allclose(painted.images[..., :16, :], half[..., :16, :], atol=1e-6)
