@@ -32,7 +32,6 @@ from imagen.cli import (
     add_debug_argument,
     add_stage_sources,
     check_seed,
-    check_stage_settings,
     per_stage_values,
     run_script,
     stage_folders,
@@ -193,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     from imagen.io import new_results, prepare_output, resolve_device, save_png
     from imagen.run_folder import refuse_results_in_a_run
     from imagen.scene_evaluation import SceneEvaluator
+    from imagen.stage import check_stage_settings
 
     output = Path(args.output_dir)
     refuse_results_in_a_run(output)

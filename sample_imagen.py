@@ -32,7 +32,6 @@ from imagen.cli import (
     add_debug_argument,
     add_stage_sources,
     check_seed,
-    check_stage_settings,
     per_stage_values,
     run_script,
     stage_folders,
@@ -177,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     from imagen.data import read_image, to_model_images
     from imagen.io import atomic_write, new_results, prepare_output, resolve_device, save_png
     from imagen.run_folder import refuse_results_in_a_run
+    from imagen.stage import check_stage_settings
 
     output = Path(args.output_dir)
     refuse_results_in_a_run(output)
@@ -213,10 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     # One value for all stages, or exactly one per stage (None: the stage's config decides).
     resolved = {name: per_stage(values, count, f"--{name}") for name, values in settings.items()}
     samplers = [resolved["sampler"][i] or stage.config.sampling.sampler for i, stage in enumerate(cascade.stages)]
-    if args.inpaint_images and args.inpaint_resample > 1 and set(samplers) != {"ddpm"}:
-        raise ImagenError(f"--inpaint-resample {args.inpaint_resample} runs the ancestral sampler, but the stages "
-                          f"sample with {', '.join(samplers)}: add --sampler ddpm.")
     check_stage_settings([stage.config for stage in cascade.stages], resolved["sampler"], resolved["steps"])
+    if args.inpaint_images and args.inpaint_resample > 1 and set(samplers) != {"ddpm"}:
+        raise ImagenError(f"--inpaint-resample {args.inpaint_resample} runs the ddpm formulation's ancestral sampler, "
+                          f"but the stages sample with {', '.join(samplers)}: add --sampler ddpm (ddpm stages only).")
     all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
     result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
                             batch_size=args.batch_size, low_res=low_res, init_images=init_images,

@@ -25,7 +25,7 @@ from imagen.config import StageConfig, check_stage_order, load_stage_config
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, seeded_generator
 from imagen.samplers import Inpainting
-from imagen.stage import Diffusion, build_diffusion, build_network, sample_stage
+from imagen.stage import Diffusion, build_diffusion, build_network, check_stage_settings, sample_stage
 from imagen.text import EncodedText, TextEmbeddingCache, check_text_probes, probe_embeddings
 
 T = TypeVar("T")
@@ -149,6 +149,7 @@ class Cascade:
         guidance, steps, sampler = (per_stage(guidance, count, "guidance"), per_stage(steps, count, "steps"),
                                     per_stage(sampler, count, "sampler"))
         thresholding = per_stage(thresholding, count, "thresholding")
+        check_stage_settings([stage.config for stage in self.stages], sampler, steps)
         first = 0 if low_res is not None else 1  # the first stage that takes low_res
         aug_levels = [None] * first + per_stage(sample_aug_level, count - first, "sample_aug_level")
         outputs: list[torch.Tensor] = [] if low_res is None else [low_res]

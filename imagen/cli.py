@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from imagen.config import MAX_SEED, SAMPLERS, StageConfig, load_cascade_config, load_stage_config
+from imagen.config import MAX_SEED, StageConfig, load_cascade_config, load_stage_config
 from imagen.errors import ImagenError
 
 
@@ -74,19 +74,6 @@ def per_stage_values(text: str | None, name: str, kind: type, choices=None) -> l
             raise ImagenError(f"{name} {text}: guidance weights must be finite numbers >= 0.")
         values.append(value)
     return values
-
-
-def check_stage_settings(configs: Sequence[StageConfig], samplers: Sequence[str | None],
-                         steps: Sequence[int | None]) -> None:
-    """Refuse a per-stage --sampler of another formulation than the stage's, or more --steps than
-    a ddpm stage has timesteps, before anything is sampled."""
-    for index, (config, sampler, count) in enumerate(zip(configs, samplers, steps)):
-        diffusion = config.diffusion
-        if sampler is not None and sampler not in SAMPLERS[diffusion.formulation]:
-            raise ImagenError(f"--sampler {sampler}: stage {index} was trained with the {diffusion.formulation} "
-                              f"formulation, which samples with {', '.join(SAMPLERS[diffusion.formulation])}.")
-        if count is not None and diffusion.formulation == "ddpm" and count > diffusion.timesteps:
-            raise ImagenError(f"--steps {count}: stage {index} has only {diffusion.timesteps} timesteps.")
 
 
 def check_seed(seed: int, name: str = "--seed") -> None:

@@ -193,7 +193,8 @@ class EfficientUNetConfig(UNetConfig):
 @dataclass
 class EDMConfig:
     """The EDM formulation's settings (Karras et al. 2022; the paper's names in brackets), used
-    when ``diffusion.formulation`` is edm. Defaults are the paper's."""
+    when ``diffusion.formulation`` is edm. Defaults are the paper's (the s_* ones its ImageNet-64
+    settings)."""
 
     sigma_data: float = 0.5  # standard deviation of the data, for the preconditioning
     p_mean: float = -1.2  # [P_mean] training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
@@ -219,9 +220,9 @@ class EDMConfig:
         require(self.s_noise >= 0, "s_noise", "a number >= 0")
 
 
-# The samplers of each formulation (imagen.samplers, imagen.elucidated).
-SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde"), "edm": ("heun", "heun_stochastic")}
-SAMPLER_NAMES = SAMPLERS["ddpm"] + SAMPLERS["edm"]
+# The samplers of each formulation (imagen.samplers, imagen.elucidated), its default first.
+SAMPLERS_BY_FORMULATION = {"ddpm": ("dpmpp_2m_sde", "ddpm", "ddim", "dpmpp_2m"), "edm": ("heun", "heun_stochastic")}
+SAMPLER_NAMES = SAMPLERS_BY_FORMULATION["ddpm"] + SAMPLERS_BY_FORMULATION["edm"]
 
 
 @dataclass
@@ -245,6 +246,8 @@ class DiffusionConfig:
         require(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "a positive number or null")
         require(self.min_snr_gamma is None or self.formulation == "ddpm", "min_snr_gamma",
                 "null under formulation edm, which weights its loss by the preconditioning")
+        require(self.objective == "eps" or self.formulation == "ddpm", "objective",
+                "eps (the default) under formulation edm, whose network output is set by the preconditioning")
         require(0 < self.linear_beta_start < 1, "linear_beta_start", "a number in (0, 1)")
         require(
             self.linear_beta_start < self.linear_beta_end < 1,
@@ -286,8 +289,9 @@ class ThresholdingConfig:
 class SamplingConfig:
     """Defaults for sampling this stage; every one can be overridden per run."""
 
-    # ddpm formulation: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde; edm: heun, heun_stochastic.
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun", "heun_stochastic"] = "dpmpp_2m_sde"
+    # ddpm formulation: dpmpp_2m_sde, ddpm, ddim, dpmpp_2m; edm: heun, heun_stochastic.
+    # null: the formulation's first (a saved config records the choice).
+    sampler: Optional[Literal["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun", "heun_stochastic"]] = None
     # Sampling steps; a heun step evaluates the network twice (the last one once).
     steps: int = 50
     guidance: float = 5.0
@@ -431,15 +435,19 @@ class StageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
+    def __post_init__(self) -> None:
+        if self.sampling.sampler is None:
+            self.sampling.sampler = SAMPLERS_BY_FORMULATION[self.diffusion.formulation][0]
+
     @property
     def is_super_resolution(self) -> bool:
         return self.super_resolution is not None
 
     def validate(self) -> None:
         formulation = self.diffusion.formulation
-        require(self.sampling.sampler in SAMPLERS[formulation], "sampling.sampler",
+        require(self.sampling.sampler in SAMPLERS_BY_FORMULATION[formulation], "sampling.sampler",
                 f"a sampler of the {formulation} formulation (diffusion.formulation): "
-                f"{', '.join(SAMPLERS[formulation])}")
+                f"{', '.join(SAMPLERS_BY_FORMULATION[formulation])}")
         require(
             formulation == "edm" or self.sampling.steps <= self.diffusion.timesteps,
             "sampling.steps",

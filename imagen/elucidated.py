@@ -67,9 +67,9 @@ class ElucidatedDiffusion:
     def denoise(self, model: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor,
                 **cond: Any) -> torch.Tensor:
         """D(x; sigma): the x0 prediction (B, ...) of the preconditioned ``model`` at noise levels sigma (B,)."""
-        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) if i < 3 else c
-                                        for i, c in enumerate(self.preconditioning(sigma)))
-        return c_skip * x + c_out * model(c_in * x, c_noise, **cond)
+        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
+        scaled = append_dims(c_in, x.ndim) * x
+        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * model(scaled, c_noise, **cond)
 
     def training_losses(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, *,
                         sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
@@ -99,12 +99,14 @@ class ElucidatedDiffusion:
         return {"loss": mse, "mse": mse, "sigma": sigma,
                 "noise_quartile": (quantile * 4).long().clamp(0, 3)}
 
-    def sigmas(self, steps: int) -> torch.Tensor:
-        """The sampling noise levels (steps + 1,), float64, falling from sigma_max to sigma_min, then 0."""
+    def sigmas(self, steps: int, start: float | None = None) -> torch.Tensor:
+        """The sampling noise levels (steps + 1,), float64, falling from ``start`` (default
+        sigma_max) to sigma_min, spaced by rho, then 0."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
-        low, high = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        top = self.sigma_max if start is None else max(start, self.sigma_min)
+        low, high = self.sigma_min ** (1 / self.rho), top ** (1 / self.rho)
         levels = (high + ramp * (low - high)) ** self.rho
         return torch.cat([levels, levels.new_zeros(1)])
 
@@ -116,7 +118,7 @@ def heun_sample_loop(
     shape: tuple[int, ...],
     *,
     sigmas: torch.Tensor,
-    stochastic: bool,
+    churn: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     thresholding: Thresholding = None,
@@ -124,7 +126,8 @@ def heun_sample_loop(
     inpaint: Inpainting | None = None,
 ) -> Iterator[SamplerStep]:
     """Heun's second-order method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma,
-    from sigmas[0] down to sigmas[-1] (Algorithm 1; Algorithm 2 when ``stochastic``).
+    from sigmas[0] down to sigmas[-1]: Algorithm 1, or Algorithm 2 with ``churn`` (its gamma) > 0,
+    which raises each level in [s_tmin, s_tmax] to sigma (1 + churn) with fresh noise first.
 
     ``noise``: the starting sample at sigmas[0] (default: a standard normal draw times sigmas[0]).
     ``model_fn(x, c_noise)`` is the guided network; it is preconditioned here. Each step yields
@@ -138,14 +141,12 @@ def heun_sample_loop(
         x = noise
     else:
         raise ValueError(f"the starting sample has shape {tuple(noise.shape)}, expected {tuple(shape)}")
-    steps = len(sigmas) - 1
-    churn = min(diffusion.s_churn / steps, math.sqrt(2) - 1) if stochastic else 0.0
 
     def denoised(x: torch.Tensor, sigma: float) -> torch.Tensor:
         levels = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
         return threshold(diffusion.denoise(model_fn, x, levels))
 
-    for i in range(steps):
+    for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         gamma = churn if diffusion.s_tmin <= sigma <= diffusion.s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
@@ -167,7 +168,7 @@ def heun_sample_loop(
         yield SamplerStep(x, pred_x0, i)
 
 
-SAMPLERS = {"heun": False, "heun_stochastic": True}  # name -> stochastic
+SAMPLERS = ("heun", "heun_stochastic")
 
 
 def sample(
@@ -189,14 +190,18 @@ def sample(
     """Run an EDM sampler over ``steps`` noise levels and return the final sample (shape ``shape``);
     the same interface as ``imagen.samplers.sample``.
 
-    Image-to-image (SDEdit): with ``init``, only the last ``round(strength * steps)`` steps run,
-    from ``init`` plus noise at the level where they start; strength 1 samples from noise, 0
-    returns ``init``.
+    Image-to-image (SDEdit): with ``init``, ``round(strength * steps)`` steps run from ``init``
+    plus noise of level tan(strength * pi / 2), down to sigma_min on the rho spacing.
+    That is the level the cosine schedule reaches at the fraction ``strength`` of the diffusion,
+    so a strength edits about as much as it does under the ddpm formulation. Strength 1 samples
+    from noise (``init`` unused), 0 returns ``init``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown EDM sampler {sampler!r}; expected one of {tuple(SAMPLERS)}")
     if inpaint is not None and inpaint.resample > 1:
         raise ValueError(f"inpainting with resampling runs the DDPM formulation's ancestral sampler, not {sampler!r}")
+    # Algorithm 2's gamma is set by the full step count, also when an edit runs fewer steps.
+    churn = min(diffusion.s_churn / steps, math.sqrt(2) - 1) if sampler == "heun_stochastic" else 0.0
     sigmas = diffusion.sigmas(steps)
     if init is not None:
         if not 0.0 <= strength <= 1.0:
@@ -204,10 +209,11 @@ def sample(
         count = round(strength * steps)
         if count == 0:
             return init
-        if count < steps:
-            sigmas = sigmas[steps - count:]
+        start = math.tan(strength * math.pi / 2) if strength < 1.0 else math.inf
+        if start < diffusion.sigma_max:
+            sigmas = diffusion.sigmas(count, start=start)
             noise = init + sigmas[0].item() * randn_like(init, generator)
-    loop = heun_sample_loop(diffusion, model_fn, shape, sigmas=sigmas, stochastic=SAMPLERS[sampler],
+    loop = heun_sample_loop(diffusion, model_fn, shape, sigmas=sigmas, churn=churn,
                             generator=generator, device=device, thresholding=thresholding, noise=noise,
                             inpaint=inpaint)
     for step in loop:

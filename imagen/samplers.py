@@ -36,7 +36,8 @@ class SamplerStep:
 
     x: the new sample (B, C, H, W); after the last step, the final sample.
     pred_x0: the (thresholded) clean-data prediction the step used (B, C, H, W).
-    t: original timestep at which the network was evaluated in this step.
+    t: original timestep at which the network was evaluated in this step (the EDM samplers of
+       ``imagen.elucidated``: the step index).
     """
 
     x: torch.Tensor

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from imagen import elucidated, samplers
-from imagen.config import SAMPLERS, StageConfig
+from imagen.config import SAMPLERS_BY_FORMULATION, StageConfig
 from imagen.diffusion import GaussianDiffusion
 from imagen.efficient_unet import EfficientUNet
 from imagen.elucidated import ElucidatedDiffusion
@@ -48,21 +48,41 @@ def build_diffusion(config: StageConfig) -> Diffusion:
     """The stage's process, per ``diffusion.formulation``."""
     if config.diffusion.formulation == "edm":
         return ElucidatedDiffusion(**dataclasses.asdict(config.diffusion.edm))
-    return build_augmentation_process(config)
-
-
-def build_augmentation_process(config: StageConfig) -> GaussianDiffusion:
-    """The variance-preserving forward process of ``diffusion.schedule``: the ddpm formulation's
-    process, and under either formulation the one noise conditioning augmentation corrupts with."""
     diffusion = config.diffusion
-    return GaussianDiffusion.from_schedule(
-        diffusion.schedule, diffusion.timesteps, diffusion.objective,
-        linear_start=diffusion.linear_beta_start, linear_end=diffusion.linear_beta_end,
-    )
+    return _gaussian_diffusion(diffusion.schedule, diffusion.timesteps, diffusion.objective,
+                               diffusion.linear_beta_start, diffusion.linear_beta_end)
 
 
-def _augmentation_process(diffusion: Diffusion, config: StageConfig) -> GaussianDiffusion:
-    return diffusion if isinstance(diffusion, GaussianDiffusion) else build_augmentation_process(config)
+def augmentation_process(diffusion: Diffusion, config: StageConfig) -> GaussianDiffusion:
+    """The process noise conditioning augmentation corrupts with: the variance-preserving forward
+    process of ``diffusion.schedule`` under either formulation (the ddpm stage's own process)."""
+    if isinstance(diffusion, GaussianDiffusion):
+        return diffusion
+    settings = config.diffusion
+    return _gaussian_diffusion(settings.schedule, settings.timesteps, "eps", settings.linear_beta_start,
+                               settings.linear_beta_end)
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_diffusion(schedule: str, timesteps: int, objective: str, linear_start: float,
+                        linear_end: float) -> GaussianDiffusion:
+    # Cached: an EDM super-resolution stage asks for its augmentation process at every step.
+    return GaussianDiffusion.from_schedule(schedule, timesteps, objective, linear_start=linear_start,
+                                           linear_end=linear_end)
+
+
+def check_stage_settings(configs: Sequence[StageConfig], samplers: Sequence[str | None],
+                         steps: Sequence[int | None]) -> None:
+    """Refuse a per-stage sampler of another formulation than the stage's, or more steps than a
+    ddpm stage has timesteps, before anything is sampled."""
+    for index, (config, sampler, count) in enumerate(zip(configs, samplers, steps)):
+        diffusion = config.diffusion
+        choices = SAMPLERS_BY_FORMULATION[diffusion.formulation]
+        if sampler is not None and sampler not in choices:
+            raise ImagenError(f"sampler {sampler}: stage {index} was trained with the {diffusion.formulation} "
+                              f"formulation, which samples with {', '.join(choices)}.")
+        if count is not None and diffusion.formulation == "ddpm" and count > diffusion.timesteps:
+            raise ImagenError(f"steps {count}: stage {index} has only {diffusion.timesteps} timesteps.")
 
 
 def training_losses(network: Callable[..., torch.Tensor], diffusion: Diffusion, config: StageConfig,
@@ -86,7 +106,7 @@ def training_losses(network: Callable[..., torch.Tensor], diffusion: Diffusion, 
         levels = draw_aug_levels(images.shape[0], super_resolution.train_aug_range, device=images.device,
                                  generator=generator)
         cond["low_res"], cond["aug_level"] = noise_augment(
-            _augmentation_process(diffusion, config), downsample(images, super_resolution.low_res_size), levels,
+            augmentation_process(diffusion, config), downsample(images, super_resolution.low_res_size), levels,
             generator=generator)
     if isinstance(diffusion, ElucidatedDiffusion):
         return diffusion.training_losses(network, images, generator=generator, **cond)
@@ -120,10 +140,7 @@ def sample_stage(network: nn.Module, diffusion: Diffusion, config: StageConfig, 
     """
     sampling = config.sampling
     sampler = sampler or sampling.sampler
-    formulation = config.diffusion.formulation
-    if sampler not in SAMPLERS[formulation]:
-        raise ImagenError(f"sampler {sampler!r} does not sample the {formulation} formulation this stage was "
-                          f"trained with; use one of {', '.join(SAMPLERS[formulation])}.")
+    check_stage_settings([config], [sampler], [steps])
     device = next(network.parameters()).device
     levels = None
     if config.super_resolution is not None:
@@ -132,7 +149,7 @@ def sample_stage(network: nn.Module, diffusion: Diffusion, config: StageConfig, 
         level = config.super_resolution.sample_aug_level if aug_level is None else aug_level
         low_res = low_res.to(device)
         levels = torch.full((low_res.shape[0],), float(level), device=device)
-        low_res, levels = noise_augment(_augmentation_process(diffusion, config), low_res, levels,
+        low_res, levels = noise_augment(augmentation_process(diffusion, config), low_res, levels,
                                         generator=generator)
     guided = functools.partial(
         ClassifierFreeGuidance(network, sampling.guidance if guidance is None else guidance),

@@ -53,6 +53,10 @@ from imagen.super_resolution import downsample
 from imagen.text import EncodedText, EncoderMismatchError, TextEmbeddingCache, check_text_probes, probe_embeddings
 from imagen.throughput import check_memory, peak_memory_mb
 
+# Settings that define what the network is trained to output; a resumed run may not change them.
+OUTPUT_DEFINING_KEYS = ("diffusion.formulation", "diffusion.objective", "diffusion.schedule", "diffusion.timesteps",
+                        "diffusion.linear_beta_start", "diffusion.linear_beta_end", "diffusion.edm.sigma_data")
+
 
 class TrainingError(ImagenError):
     """Training cannot go on (a run folder in the way, a non-finite loss, ...)."""
@@ -338,6 +342,14 @@ class Trainer:
             raise CheckpointError(f"{folder}: cannot be loaded ({type(error).__name__}: {error}).") from None
         before = _flat(config_to_dict(saved))
         changed = [key for key, value in _flat(config_to_dict(self.config)).items() if before.get(key) != value]
+        redefining = [key for key in changed if key in OUTPUT_DEFINING_KEYS]
+        if redefining:
+            now = _flat(config_to_dict(self.config))
+            changes = ", ".join(f"{key} ({before.get(key)} -> {now[key]})" for key in redefining)
+            raise TrainingError(
+                f"{folder}: resuming would change {changes}, "
+                "which changes what the network's output means, so the trained weights would be wrong for it. "
+                "Resume with the run's own settings, or start a new run in another --output-dir.")
         if changed:
             self.accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
         self.step = state["step"]

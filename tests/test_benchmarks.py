@@ -134,6 +134,7 @@ def test_the_inpainting_benchmark_reports_both_prompts(trained, classifier, mnis
     assert json.loads((tmp_path / "report.json").read_text()) == report and (tmp_path / "grid.png").is_file()
 
 
+@pytest.mark.slow
 def test_the_formulations_benchmark_trains_evaluates_and_resumes(trained, classifier, mnist_root, tmp_path):
     """benchmarks/formulations_cpu.sh with a 2-step budget: both formulations trained, every
     checkpoint and the cascade evaluated, and a second run finds everything done."""

@@ -13,15 +13,15 @@ import torch
 from imagen import elucidated, samplers
 from imagen.cascade import Cascade
 from imagen.checkpoint import latest_checkpoint
-from imagen.config import SAMPLERS, ConfigError, stage_config_from_dict
-from imagen.elucidated import ElucidatedDiffusion, sample
+from imagen.config import SAMPLERS_BY_FORMULATION, ConfigError, stage_config_from_dict
+from imagen.elucidated import ElucidatedDiffusion, heun_sample_loop, sample
 from imagen.errors import ImagenError
 from imagen.guidance import ClassifierFreeGuidance
 from imagen.samplers import Inpainting
-from imagen.stage import build_augmentation_process, build_diffusion, build_network, sample_stage, training_losses
+from imagen.stage import augmentation_process, build_diffusion, build_network, sample_stage, training_losses
 from imagen.super_resolution import downsample
 from imagen.text import EncodedText
-from imagen.trainer import Trainer
+from imagen.trainer import Trainer, TrainingError
 
 MU, S = 0.3, 0.5
 SHAPE = (2048, 1, 4, 4)
@@ -36,6 +36,32 @@ def oracle(edm: ElucidatedDiffusion, mu: float = MU, s: float = S):
         x = scaled_x / c_in
         best = mu + s**2 / (s**2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - mu)
         return (best - c_skip * x) / c_out
+
+    return model_fn
+
+
+def identity(edm: ElucidatedDiffusion):
+    """A network whose denoiser returns its input, D(x; sigma) = x: the ODE then stands still, so
+    a sampler's result shows exactly the noise it added."""
+
+    def model_fn(scaled_x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        c_skip, c_out, c_in, _ = (c.reshape(-1, 1, 1, 1) for c in edm.preconditioning((4 * c_noise).exp()))
+        return (1 - c_skip) * (scaled_x / c_in) / c_out
+
+    return model_fn
+
+
+def flat_oracle(edm: ElucidatedDiffusion, pixels: int = 16):
+    """The optimal network for images that are one value c ~ N(MU, S^2) everywhere: the denoiser
+    reads c from the mean of all pixels, so a kept region decides what is drawn beside it."""
+
+    def model_fn(scaled_x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        sigma = (4 * c_noise).exp().reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, _ = (c.reshape(-1, 1, 1, 1) for c in edm.preconditioning(sigma.flatten()))
+        x = scaled_x / c_in
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        best = MU + S**2 / (S**2 + sigma**2 / pixels) * (mean - MU)
+        return (best.expand_as(x) - c_skip * x) / c_out
 
     return model_fn
 
@@ -128,6 +154,57 @@ def test_heun_is_deterministic_and_the_stochastic_sampler_is_seeded():
     assert torch.equal(sample(still, oracle(still), SHAPE, sampler="heun_stochastic", steps=6, noise=start), first)
 
 
+def test_the_stochastic_step_adds_churn_noise_only_inside_its_range():
+    """Algorithm 2: a level sigma in [s_tmin, s_tmax] is raised to sigma (1 + gamma) by noise of
+    variance (sigma_hat^2 - sigma^2) s_noise^2, gamma = min(s_churn / N, sqrt(2) - 1)."""
+    edm = ElucidatedDiffusion(s_tmin=0.05, s_tmax=50.0, s_noise=1.5)
+    start = torch.zeros(SHAPE)
+
+    def first_step(sigma, churn):
+        loop = heun_sample_loop(edm, identity(edm), SHAPE, sigmas=torch.tensor([sigma, 0.0], dtype=torch.float64),
+                                churn=churn, noise=start, generator=torch.Generator().manual_seed(0))
+        return next(loop).x
+
+    for churn in (0.1, math.sqrt(2) - 1):
+        added = first_step(10.0, churn)
+        expected = (10.0**2 * ((1 + churn) ** 2 - 1)) * 1.5**2
+        assert added.var().item() == pytest.approx(expected, rel=0.03)
+    assert torch.equal(first_step(60.0, 0.4), start)  # above s_tmax: no churn
+    assert torch.equal(first_step(0.01, 0.4), start)  # below s_tmin
+    assert torch.equal(first_step(10.0, 0.0), start)  # heun: none
+
+
+def test_churn_is_capped_and_set_by_the_full_step_count():
+    edm = ElucidatedDiffusion(s_churn=1000.0, s_tmin=0.0, s_tmax=1000.0, s_noise=1.0)
+    start = torch.zeros(SHAPE)
+    x = sample(edm, identity(edm), SHAPE, sampler="heun_stochastic", steps=1, noise=start,
+               generator=torch.Generator().manual_seed(0))
+    # One step at sigma_max = 80, gamma capped at sqrt(2) - 1 (not 1000): variance 80^2 (2 - 1).
+    assert x.var().item() == pytest.approx(80.0**2, rel=0.03)
+    mild = ElucidatedDiffusion(s_churn=2.0, s_tmin=0.0, s_tmax=1000.0, s_noise=1.0)
+    init = torch.zeros(SHAPE)
+    # An edit of 10 of 40 steps keeps gamma = 2 / 40, not 2 / 10; the start noise is tan(pi/8)
+    # and each step then adds churn, so compare against the deterministic sampler's start alone.
+    edited = sample(mild, identity(mild), SHAPE, sampler="heun_stochastic", steps=40, init=init, strength=0.25,
+                    generator=torch.Generator().manual_seed(0))
+    levels = mild.sigmas(10, start=math.tan(math.pi / 8))[:-1]
+    gamma = 2.0 / 40
+    expected = levels[0].item() ** 2 + sum(level.item() ** 2 * ((1 + gamma) ** 2 - 1) for level in levels)
+    assert edited.var().item() == pytest.approx(expected, rel=0.03)
+
+
+def test_image_to_image_starts_at_the_noise_level_of_its_strength():
+    """The start noise is tan(strength pi / 2), the cosine schedule's level at that fraction of the
+    diffusion: with a denoiser that returns its input, the result is the noised start itself."""
+    edm = ElucidatedDiffusion()
+    init = torch.full(SHAPE, 0.5)
+    for strength in (0.2, 0.6):
+        x = sample(edm, identity(edm), SHAPE, steps=25, init=init, strength=strength,
+                   generator=torch.Generator().manual_seed(0))
+        assert (x - init).mean().abs() < 0.02
+        assert (x - init).std().item() == pytest.approx(math.tan(strength * math.pi / 2), rel=0.02)
+
+
 def test_image_to_image_runs_the_last_steps_from_the_noised_input():
     init = torch.full(SHAPE, -0.8)
     assert torch.equal(run(init=init, strength=0.0), init)
@@ -142,12 +219,33 @@ def test_inpainting_keeps_the_known_region_and_draws_the_rest():
     image = torch.full(SHAPE, -0.9)
     keep = torch.zeros(SHAPE[0], 1, 4, 4)
     keep[..., :2, :] = 1
-    x = run(inpaint=Inpainting(image, keep))
+    steps = []
+    x = run(inpaint=Inpainting(image, keep), on_step=steps.append)
     assert torch.equal(x[..., :2, :], image[..., :2, :])
+    # After each step the kept region is the image noised to the level the step reached.
+    for step, level in zip(steps[:-1], ElucidatedDiffusion().sigmas(25)[1:-1]):
+        noise = step.x[..., :2, :] - image[..., :2, :]
+        assert noise.std().item() == pytest.approx(level.item(), rel=0.05)
     drawn = x[..., 2:, :]
     assert abs(drawn.mean().item() - MU) < 0.03 and abs(drawn.std().item() / S - 1) < 0.05
     with pytest.raises(ValueError, match="resampling"):
         run(inpaint=Inpainting(image, keep, resample=2))
+
+
+def test_inpainting_draws_what_the_kept_region_implies():
+    """Images are one value everywhere: keeping half of an image at -0.6 must make the drawn half
+    -0.6 too, which needs the kept region noised to each step's own level."""
+    edm = ElucidatedDiffusion()
+    image = torch.full(SHAPE, -0.6)
+    keep = torch.zeros(SHAPE[0], 1, 4, 4)
+    keep[..., :2, :] = 1
+    x = sample(edm, flat_oracle(edm), SHAPE, steps=25, inpaint=Inpainting(image, keep),
+               generator=torch.Generator().manual_seed(0))
+    drawn = x[..., 2:, :]
+    assert abs(drawn.mean().item() + 0.6) < 0.03 and drawn.std().item() < 0.1
+    free = sample(edm, flat_oracle(edm), SHAPE, steps=25, generator=torch.Generator().manual_seed(0))
+    # Without the kept half: the data's distribution (2048 values, standard error 0.011).
+    assert abs(free.mean().item() - MU) < 0.05 and free.std().item() == pytest.approx(S, rel=0.1)
 
 
 def test_guidance_extrapolates_the_denoiser():
@@ -184,7 +282,8 @@ def test_dynamic_thresholding_keeps_every_prediction_in_range():
 
 
 def test_sampler_names_agree_with_the_modules():
-    assert SAMPLERS["ddpm"] == tuple(samplers.SAMPLERS) and SAMPLERS["edm"] == tuple(elucidated.SAMPLERS)
+    assert sorted(SAMPLERS_BY_FORMULATION["ddpm"]) == sorted(samplers.SAMPLERS)
+    assert SAMPLERS_BY_FORMULATION["edm"] == elucidated.SAMPLERS
 
 
 def edm_sr_config(**super_resolution):
@@ -219,7 +318,7 @@ def test_a_super_resolution_stage_augments_with_the_variance_preserving_process(
     assert torch.equal(call["aug_level"], torch.full((4,), round(0.5 * 999) / 999))
     # The low-res input carries the forward process's noise at that level: its signal is scaled
     # by sqrt(alpha-bar) of the schedule, as under the ddpm formulation.
-    alpha_bar = float(build_augmentation_process(config).alphas_cumprod[round(0.5 * 999)])
+    alpha_bar = float(augmentation_process(diffusion, config).alphas_cumprod[round(0.5 * 999)])
     clean = downsample(images, 8)
     residual = call["low_res"] - alpha_bar**0.5 * clean
     assert residual.std().item() == pytest.approx((1 - alpha_bar) ** 0.5, rel=0.2)
@@ -238,23 +337,25 @@ def test_a_super_resolution_stage_augments_with_the_variance_preserving_process(
 
 
 def test_the_formulation_is_validated(tiny_stage):
+    # An unset sampler is the formulation's default; a sampler of the other one is refused.
+    assert stage_config_from_dict({"diffusion": {"formulation": "edm"}}).sampling.sampler == "heun"
+    assert stage_config_from_dict({}).sampling.sampler == "dpmpp_2m_sde"
     with pytest.raises(ConfigError, match="sampling.sampler.*heun, heun_stochastic"):
-        stage_config_from_dict({"diffusion": {"formulation": "edm"}})
+        stage_config_from_dict({"diffusion": {"formulation": "edm"}, "sampling": {"sampler": "ddpm"}})
     with pytest.raises(ConfigError, match="sampling.sampler.*dpmpp_2m_sde"):
         stage_config_from_dict({"sampling": {"sampler": "heun"}})
     with pytest.raises(ConfigError, match="min_snr_gamma"):
-        stage_config_from_dict({"diffusion": {"formulation": "edm", "min_snr_gamma": 5.0},
-                                "sampling": {"sampler": "heun"}})
+        stage_config_from_dict({"diffusion": {"formulation": "edm", "min_snr_gamma": 5.0}})
+    with pytest.raises(ConfigError, match="diffusion.objective"):
+        stage_config_from_dict({"diffusion": {"formulation": "edm", "objective": "v"}})
     with pytest.raises(ConfigError, match="diffusion.edm.sigma_max"):
-        stage_config_from_dict({"diffusion": {"formulation": "edm", "edm": {"sigma_max": 0.001}},
-                                "sampling": {"sampler": "heun"}})
+        stage_config_from_dict({"diffusion": {"formulation": "edm", "edm": {"sigma_max": 0.001}}})
     with pytest.raises(ConfigError, match="diffusion.edm.p_std"):
-        stage_config_from_dict({"diffusion": {"formulation": "edm", "edm": {"p_std": 0}},
-                                "sampling": {"sampler": "heun"}})
+        stage_config_from_dict({"diffusion": {"formulation": "edm", "edm": {"p_std": 0}}})
     # A sampler of the other formulation is refused at sampling time too, by name.
     config = tiny_stage()
     text = EncodedText(torch.randn(1, 8, 32), torch.ones(1, 8, dtype=torch.bool))
-    with pytest.raises(ImagenError, match="'heun' does not sample the ddpm formulation"):
+    with pytest.raises(ImagenError, match="sampler heun: stage 0 was trained with the ddpm formulation"):
         sample_stage(build_network(config, 32), build_diffusion(config), config, text, sampler="heun")
 
 
@@ -283,3 +384,12 @@ def test_an_edm_stage_trains_resumes_and_samples(tiny_stage, trained, tmp_path):
     half = torch.rand(2, 1, 32, 32) * 2 - 1
     painted = cascade.sample(["seven", "2"], steps=[2, 2], seed=0, inpaint_images=half, inpaint_masks=masks)
     assert torch.allclose(painted.images[..., :16, :], half[..., :16, :], atol=1e-6)
+
+
+def test_resuming_with_another_formulation_is_refused(tiny_stage, tmp_path):
+    config = tiny_stage()
+    Trainer.from_config(config, tmp_path / "run").train()
+    config = tiny_stage(max_steps=3)
+    config.diffusion.formulation, config.sampling.sampler = "edm", "heun"
+    with pytest.raises(TrainingError, match=r"diffusion.formulation \(ddpm -> edm\)"):
+        Trainer.from_config(config, tmp_path / "run", resume=True)

@@ -189,7 +189,7 @@ def table(root: Path, trained: Path, mnist: Path):
         (T, ["--config", edm_base, "--set", "diffusion.edm.rho=-7"], "'diffusion.edm.rho'"),
         (T, ["--config", edm_base, "--set", "diffusion.edm.s_churn=-1"], "'diffusion.edm.s_churn'"),
         (T, ["--config", edm_base, "--set", "diffusion.min_snr_gamma=5"], "null under formulation edm"),
-        (P, ["--checkpoint", base, "--prompts", "1", "--sampler", "heun", *out], "which samples with ddpm, ddim"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--sampler", "heun", *out], "trained with the ddpm formulation"),
         (P, ["--checkpoint", base, "--prompts", "1", "--guidance", "nan", *out], "finite numbers >= 0"),
         (P, ["--checkpoint", base, "--prompts", "1", "--guidance", "inf", *out], "finite numbers >= 0"),
         (P, ["--checkpoint", base, "--prompts", "1", "--seed", str(2**70), *out], "a seed in 0..4294967295"),
