@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from imagen.diffusion import append_dims
-from imagen.samplers import Inpainting, ModelFn, SamplerStep, Thresholding, randn_like, threshold_fn
+from imagen.samplers import Inpainting, ModelFn, SamplerStep, Thresholding, randn_like, run_to_end, threshold_fn
 
 
 class ElucidatedDiffusion:
@@ -216,8 +216,4 @@ def sample(
     loop = heun_sample_loop(diffusion, model_fn, shape, sigmas=sigmas, churn=churn,
                             generator=generator, device=device, thresholding=thresholding, noise=noise,
                             inpaint=inpaint)
-    for step in loop:
-        if on_step is not None:
-            on_step(step)
-        final = step.x
-    return final
+    return run_to_end(loop, on_step)

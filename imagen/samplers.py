@@ -305,6 +305,11 @@ def sample(
             diffusion = diffusion.first_steps(count)
     loop = SAMPLERS[sampler](diffusion, model_fn, shape, generator=generator, device=device,
                              thresholding=thresholding, noise=noise, **options)
+    return run_to_end(loop, on_step)
+
+
+def run_to_end(loop: Iterator[SamplerStep], on_step: Callable[[SamplerStep], None] | None) -> torch.Tensor:
+    """The last sample of a sampler loop, with ``on_step`` called at every step."""
     for step in loop:
         if on_step is not None:
             on_step(step)
