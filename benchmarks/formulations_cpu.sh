@@ -14,7 +14,8 @@
 # OUT/<formulation>/ holds the run and its evaluations; OUT/summary.md the table. Running it again
 # skips what is finished and resumes an unfinished training. FORMULATIONS limits the list; STEPS
 # (2000) and EVERY (250) change the budget and the checkpoint spacing; EXTRA adds --set arguments to
-# both trainings and EVAL_STEPS sets every evaluation's sampling steps (both for a smoke run).
+# both trainings and EVAL_STEPS sets every evaluation's sampling steps (both for a smoke run);
+# EDM_SAMPLER evaluates the edm runs with another sampler than their config's (heun, heun_stochastic).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then echo "usage: bash benchmarks/formulations_cpu.sh OUT SR_RUN [MNIST_ROOT]" >&2; exit 2; fi
@@ -29,6 +30,8 @@ EVERY="${EVERY:-250}"
 read -r -a extra <<< "${EXTRA:-}"
 sampling=()
 if [ -n "${EVAL_STEPS:-}" ]; then sampling=(--steps "$EVAL_STEPS"); fi
+edm_sampler=()
+if [ -n "${EDM_SAMPLER:-}" ]; then edm_sampler=(--sampler "$EDM_SAMPLER"); fi
 mkdir -p "$OUT"
 
 config_of() {
@@ -42,6 +45,14 @@ config_of() {
 for formulation in $FORMULATIONS; do
   run="$OUT/$formulation/base"
   config="$(config_of "$formulation")"
+  chosen=()
+  cascade_sampler=()
+  if [ "$formulation" = edm ] && [ -n "${EDM_SAMPLER:-}" ]; then
+    chosen=("${edm_sampler[@]}")
+    sr_sampler="$(python -c "import sys; from imagen.config import load_stage_config
+print(load_stage_config(sys.argv[1]).sampling.sampler)" "$SR_RUN/config.yaml")"
+    cascade_sampler=(--sampler "$EDM_SAMPLER,$sr_sampler")
+  fi
   if [ ! -d "$run/checkpoints/$(printf 'step_%08d' "$STEPS")" ]; then
     resume=()
     if [ -d "$run/checkpoints" ]; then resume=(--resume); fi
@@ -53,12 +64,13 @@ for formulation in $FORMULATIONS; do
     report="$OUT/$formulation/eval_$(basename "$checkpoint")"
     if [ ! -f "$report/report.json" ]; then
       python evaluate_imagen.py --mode base --checkpoints "$checkpoint" --data-root "$DATA" \
-        --num-images "$CHECKPOINT_IMAGES" --no-unconditional --output-dir "$report" "${sampling[@]}"
+        --num-images "$CHECKPOINT_IMAGES" --no-unconditional --output-dir "$report" "${sampling[@]}" "${chosen[@]}"
     fi
   done
   if [ ! -f "$OUT/$formulation/eval_cascade/report.json" ]; then
     python evaluate_imagen.py --mode cascade --checkpoints "$run" "$SR_RUN" --data-root "$DATA" \
-      --num-images "$NUM_IMAGES" --no-unconditional --output-dir "$OUT/$formulation/eval_cascade" "${sampling[@]}"
+      --num-images "$NUM_IMAGES" --no-unconditional --output-dir "$OUT/$formulation/eval_cascade" "${sampling[@]}" \
+      "${cascade_sampler[@]}"
   fi
 done
 

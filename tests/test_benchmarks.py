@@ -144,7 +144,7 @@ def test_the_formulations_benchmark_trains_evaluates_and_resumes(trained, classi
     command = ["bash", "benchmarks/formulations_cpu.sh", str(tmp_path), str(trained / "sr"), str(mnist_root)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for formulation, sampler in (("ddpm", "dpmpp_2m_sde"), ("edm", "heun")):
+    for formulation, sampler in (("ddpm", "dpmpp_2m_sde"), ("edm", "heun_stochastic")):
         folder = tmp_path / formulation
         assert sorted(p.name for p in folder.glob("eval_step_*")) == ["eval_step_00000001", "eval_step_00000002"]
         cascade = json.loads((folder / "eval_cascade" / "report.json").read_text())

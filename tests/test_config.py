@@ -43,9 +43,9 @@ def test_every_shipped_stage_config_round_trips(path, tmp_path):
 def test_shipped_configs_default_to_the_measured_fast_sampler(path):
     """50 steps of SDE-DPM-Solver++(2M) matched 1000 ancestral steps on the CPU cascade
     (benchmarks/sampler_parity.py, README "Sampling the cascade"); EDM stages take 25 Heun steps,
-    as many network evaluations (49)."""
+    as many network evaluations (49), with churn."""
     config = load_stage_config(path)
-    expected = ("heun", 25) if config.diffusion.formulation == "edm" else ("dpmpp_2m_sde", 50)
+    expected = ("heun_stochastic", 25) if config.diffusion.formulation == "edm" else ("dpmpp_2m_sde", 50)
     assert (config.sampling.sampler, config.sampling.steps) == expected
 
 
