@@ -340,11 +340,10 @@ class Trainer:
             self.data_generator.set_state(rng["data"])
         except (ConfigError, KeyError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{folder}: cannot be loaded ({type(error).__name__}: {error}).") from None
-        before = _flat(config_to_dict(saved))
-        changed = [key for key, value in _flat(config_to_dict(self.config)).items() if before.get(key) != value]
+        before, now = _flat(config_to_dict(saved)), _flat(config_to_dict(self.config))
+        changed = [key for key, value in now.items() if before.get(key) != value]
         redefining = [key for key in changed if key in OUTPUT_DEFINING_KEYS]
         if redefining:
-            now = _flat(config_to_dict(self.config))
             changes = ", ".join(f"{key} ({before.get(key)} -> {now[key]})" for key in redefining)
             raise TrainingError(
                 f"{folder}: resuming would change {changes}, "
