@@ -12,8 +12,9 @@
 #   pooled_attention   attention-pooled only       (unet.text_pooling=attention, no cross-attention)
 #   no_layernorm       both, without the LayerNorm on text (unet.text_layernorm=false)
 # SR_RUN is a trained configs/mnist_scenes_cpu/sr.yaml run. Settings: ENCODER (text_encoder.name of
-# the base stage, default tiny-scenes; with internet, e.g. google/t5-v1_1-small vs -base compares
-# T5 sizes, the paper's other finding), NUM_IMAGES (500), GUIDANCE (base stage weight, 3), VARIANTS,
+# the base stage, default the config's tiny-scenes-pretrained; tiny-scenes is the same T5 with
+# random weights, and with internet e.g. google/t5-v1_1-small vs -base compares T5 sizes: the
+# paper's other finding), NUM_IMAGES (500), GUIDANCE (base stage weight, 3), VARIANTS,
 # EXTRA (more --set arguments for every training, e.g. a shorter schedule) and STEPS (sampling steps).
 # OUT/<variant>/ holds the run and evaluation/; OUT/summary.md the table. Running it again skips
 # what is finished and resumes an unfinished training.
@@ -23,7 +24,8 @@ if [ $# -lt 2 ]; then echo "usage: bash benchmarks/text_ablation.sh OUT SR_RUN [
 OUT="$1"
 SR_RUN="$2"
 DATA="${3:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
-ENCODER="${ENCODER:-tiny-scenes}"
+encoder=()
+if [ -n "${ENCODER:-}" ]; then encoder=(--set "text_encoder.name=$ENCODER"); fi
 NUM_IMAGES="${NUM_IMAGES:-500}"
 GUIDANCE="${GUIDANCE:-3}"
 VARIANTS="${VARIANTS:-both cross_attention pooled_mean pooled_attention no_layernorm}"
@@ -52,7 +54,7 @@ for variant in $VARIANTS; do
     if [ -d "$run/checkpoints" ]; then resume=(--resume); fi
     start=$SECONDS
     python train_base_mnist.py --config configs/mnist_scenes_cpu/base.yaml --output-dir "$run" \
-      --set "data.root=$DATA" --set "text_encoder.name=$ENCODER" "$@" "${extra[@]}" "${resume[@]}"
+      --set "data.root=$DATA" "${encoder[@]}" "$@" "${extra[@]}" "${resume[@]}"
     echo "$variant: trained in $((SECONDS - start)) s" | tee -a "$OUT/timings.txt"
     python evaluate_imagen.py --mode scenes --checkpoints "$run" "$SR_RUN" --data-root "$DATA" \
       --num-images "$NUM_IMAGES" --guidance-sweep "$GUIDANCE" --output-dir "$run/evaluation" "${sampling[@]}"

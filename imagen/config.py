@@ -19,6 +19,9 @@ from typing import Any, Literal, Optional, Sequence, Union
 from imagen.io import atomic_write
 from imagen.loader import ConfigError, build, read_yaml_file, require, to_dict, to_yaml
 
+# The offline T5s that imagen.text builds in code (its TINY_T5S), named here without importing it.
+TINY_T5_NAMES = ("tiny", "tiny-scenes", "tiny-scenes-pretrained")
+
 # Seeds also seed NumPy (through accelerate), which takes 32-bit seeds.
 MAX_SEED = 2**32 - 1
 
@@ -37,7 +40,8 @@ def _check_seed(value: int, key: str) -> None:
 @dataclass
 class TextEncoderConfig:
     """The frozen T5 encoder. ``name``: a Hugging Face T5 id, a local folder, ``tiny`` or ``tiny-scenes``
-    (a small random T5 built offline, see :mod:`imagen.text`)."""
+    (a small random T5 built offline, see :mod:`imagen.text`), or ``tiny-scenes-pretrained``
+    (tiny-scenes pretrained offline on text, :mod:`imagen.text_pretraining`)."""
 
     name: str = "tiny"
     # How prompts are normalised before tokenizing, in training and sampling alike
@@ -54,7 +58,7 @@ class TextEncoderConfig:
 
     def __post_init__(self) -> None:
         if self.normalize == "auto":
-            self.normalize = "plain" if self.name in ("tiny", "tiny-scenes") else "spacing"
+            self.normalize = "plain" if self.name in TINY_T5_NAMES else "spacing"
 
     def validate(self) -> None:
         require(self.name.strip() != "", "name", "a Hugging Face T5 id, a local folder or 'tiny'")

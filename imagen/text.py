@@ -3,7 +3,8 @@
 Imagen conditions every stage on the whole token sequence of a frozen T5 encoder, with
 embeddings computed ahead of time. :class:`T5TextEncoder` loads any Hugging Face T5
 (hub id or local folder) through ``from_pretrained``; ``tiny`` builds a small random T5
-offline and loads it through the very same path. :class:`TextEmbeddingCache` encodes
+offline and loads it through the very same path (``tiny-scenes-pretrained``: one pretrained
+on text alone, :mod:`imagen.text_pretraining`). :class:`TextEmbeddingCache` encodes
 each unique prompt once so the encoder never runs inside a training step.
 """
 
@@ -23,12 +24,16 @@ from imagen.captions import DIGIT_WORDS, normalize_prompt, shorten
 from imagen.checkpoint import CheckpointError, load_tensors
 from imagen.errors import ImagenError
 from imagen.io import atomic_write, cache_root, resolve_device, to_host
+from imagen.text_pretraining import NUM_SENTINELS, pretrain_encoder
 
 # The offline T5s built in code, by text_encoder.name: the folder each is built into under
 # the cache (bump the version when its build changes, so stale folders and cached embeddings
 # are not reused). tiny's tokenizer knows the words of digit prompts; tiny-scenes' also those
 # of the scene captions (imagen.scenes), which tiny would spell out letter by letter.
-TINY_T5S = {"tiny": "tiny-t5-v1", "tiny-scenes": "tiny-scenes-t5-v1"}
+# tiny-scenes-pretrained is tiny-scenes pretrained on text by span corruption.
+TINY_T5S = {"tiny": "tiny-t5-v1", "tiny-scenes": "tiny-scenes-t5-v1",
+            "tiny-scenes-pretrained": "tiny-scenes-pretrained-t5-v1"}
+PRETRAINING_STEPS = 2000
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,11 +64,20 @@ def tiny_corpus(name: str) -> list[str]:
     templates = ("{}", "the digit {}", "a handwritten {}", "an image of the number {}", "a photo of a {}", "number {}")
     digits = list(DIGIT_WORDS) + [str(d) for d in range(10)]
     corpus = [template.format(digit) for template in templates for digit in digits]
-    if name == "tiny-scenes":
+    if name in ("tiny-scenes", "tiny-scenes-pretrained"):
         from imagen.scenes import all_specs, render
 
         corpus += [normalize_prompt(render(spec), "plain") for spec in all_specs()]
     return corpus
+
+
+def pretraining_corpus() -> list[str]:
+    """The text ``tiny-scenes-pretrained`` is pretrained on: the digit prompts and every scene
+    caption except the held-out ones, so held-out captions stay unseen by the encoder too."""
+    from imagen.scenes import all_specs, held_out, render
+
+    specs = all_specs()
+    return tiny_corpus("tiny") + [normalize_prompt(render(spec), "plain") for spec in specs[~held_out(specs)]]
 
 
 def make_tiny_t5(name: str = "tiny"):
@@ -105,8 +119,9 @@ def make_tiny_t5(name: str = "tiny"):
         tokenizer_object=unigram, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
     )
 
+    pretrained = name == "tiny-scenes-pretrained"
     config = T5Config(
-        vocab_size=len(vocab),
+        vocab_size=len(vocab) + (NUM_SENTINELS if pretrained else 0),
         d_model=128,
         d_kv=32,
         num_heads=4,
@@ -119,6 +134,8 @@ def make_tiny_t5(name: str = "tiny"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = T5EncoderModel(config)
+    if pretrained:
+        model, _ = pretrain_encoder(tokenizer, model, pretraining_corpus(), PRETRAINING_STEPS)
     return tokenizer, model.eval()
 
 
