@@ -12,9 +12,9 @@
 #   pooled_attention   attention-pooled only       (unet.text_pooling=attention, no cross-attention)
 #   no_layernorm       both, without the LayerNorm on text (unet.text_layernorm=false)
 # SR_RUN is a trained configs/mnist_scenes_cpu/sr.yaml run. Settings: ENCODER (text_encoder.name of
-# the base stage, default the config's tiny-scenes-pretrained; tiny-scenes is the same T5 with
-# random weights, and with internet e.g. google/t5-v1_1-small vs -base compares T5 sizes: the
-# paper's other finding), NUM_IMAGES (500), GUIDANCE (base stage weight, 3), VARIANTS,
+# the base stage, default the config's random tiny-scenes; tiny-scenes-pretrained is that T5
+# pretrained on text, and with internet e.g. google/t5-v1_1-small vs -base compares T5 sizes:
+# the paper's other finding), NUM_IMAGES (500), GUIDANCE (base stage weight, 3), VARIANTS,
 # EXTRA (more --set arguments for every training, e.g. a shorter schedule) and STEPS (sampling steps).
 # OUT/<variant>/ holds the run and evaluation/; OUT/summary.md the table. Running it again skips
 # what is finished and resumes an unfinished training.

@@ -163,12 +163,9 @@ def test_the_evaluator_reaches_its_ceiling_on_real_canvases_and_chance_on_shuffl
 
 @pytest.fixture(scope="module")
 def scene_runs(mnist_root, tmp_path_factory):
-    """Both CPU scene stages, trained for two steps by their scripts (with the random tiny-scenes
-    T5: the shipped pretrained one takes minutes to build, and tests/test_text_pretraining.py
-    covers its pretraining)."""
+    """Both CPU scene stages, trained for two steps by their scripts."""
     root = tmp_path_factory.mktemp("scenes")
-    quick = ["--set", "text_encoder.name=tiny-scenes",
-             "--set", f"data.root={mnist_root}", "--set", "training.batch_size=4", "--set", "training.max_steps=2",
+    quick = ["--set", f"data.root={mnist_root}", "--set", "training.batch_size=4", "--set", "training.max_steps=2",
              "--set", "sampling.steps=2", "--set", "training.sample_guidance=[1]", "--set", "unet.base_channels=16",
              "--set", "unet.num_head_channels=16"]
     for script, name in (("train_base_mnist.py", "base"), ("train_sr_mnist.py", "sr")):
@@ -210,7 +207,7 @@ def test_the_text_conditioning_ablation_script_trains_and_scores_its_variants(sc
     result = subprocess.run(["bash", "benchmarks/text_ablation.sh", str(tmp_path), str(scene_runs / "sr"),
                              str(mnist_root)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "EXTRA": tiny, "NUM_IMAGES": "10", "STEPS": "2",
-                                 "VARIANTS": " ".join(variants), "ENCODER": "tiny-scenes"})
+                                 "VARIANTS": " ".join(variants)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = (tmp_path / "summary.md").read_text().splitlines()
     assert [row.split(" | ")[0].lstrip("| ") for row in rows[2:]] == variants + ["real canvases (ceiling)"]
@@ -219,5 +216,5 @@ def test_the_text_conditioning_ablation_script_trains_and_scores_its_variants(sc
     assert saved["pooled_mean"]["text_pooling"] == "mean" and saved["pooled_mean"]["cross_attention_resolutions"] == []
     again = subprocess.run(["bash", "benchmarks/text_ablation.sh", str(tmp_path), str(scene_runs / "sr")],
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "VARIANTS": " ".join(variants), "ENCODER": "tiny-scenes"})
+                           env={**os.environ, "VARIANTS": " ".join(variants)})
     assert again.returncode == 0 and "trained in" not in again.stdout  # finished variants are not redone
