@@ -31,7 +31,7 @@ from imagen.cli import add_debug_argument, check_seed, run_script
 from imagen.config import TextEncoderConfig
 from imagen.errors import ImagenError
 from imagen.scene_evaluation import evaluation_specs
-from imagen.text import T5TextEncoder
+from imagen.text import TextEmbeddingCache
 
 CLASSES = 11  # empty, then the digits
 
@@ -54,16 +54,15 @@ class CellProbe(nn.Module):
 
 
 def encode_all_captions(name: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Every scene caption's token embeddings and mask, in caption_index order, and the
-    digit identity share of the variance of its digit tokens."""
-    normalize = TextEncoderConfig(name=name).normalize
-    prompts = [normalize_prompt(scenes.render(spec), normalize) for spec in scenes.all_specs()]
-    encoder = T5TextEncoder(name, max_length=max_length, device="cpu")
-    chunks = [encoder.encode(prompts[start:start + 2048]) for start in range(0, len(prompts), 2048)]
-    embeddings, mask = torch.cat([c.embeddings for c in chunks]), torch.cat([c.mask for c in chunks])
-    token_ids = encoder.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                                  return_tensors="pt")["input_ids"]
-    return embeddings, mask, digit_identity_share(encoder.tokenizer, token_ids, embeddings)
+    """Every scene caption's token embeddings and mask, in caption_index order, as training
+    encodes them (imagen.text.TextEmbeddingCache), and the digit identity share of its digit tokens."""
+    cache = TextEmbeddingCache.from_config(TextEncoderConfig(name=name, max_length=max_length, device="cpu"))
+    prompts = [normalize_prompt(scenes.render(spec), cache.normalize) for spec in scenes.all_specs()]
+    text = cache.encode(prompts)
+    tokenizer = cache.encoder.tokenizer
+    token_ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                          return_tensors="pt")["input_ids"]
+    return text.embeddings, text.mask, digit_identity_share(tokenizer, token_ids, text.embeddings)
 
 
 def digit_identity_share(tokenizer, token_ids: torch.Tensor, embeddings: torch.Tensor) -> float:
