@@ -12,6 +12,10 @@ model FLOPs of one training step (the network's forward and backward, counted by
 ``imagen.throughput``), the FLOP/s achieved and the model FLOPs utilisation: achieved / the
 device's dense peak for the precision used (known NVIDIA GPUs, or ``--peak-tflops``; null
 on a CPU without it).
+
+``--profile FILE`` then runs three more steps under ``torch.profiler`` and writes its table of
+the ops and kernels that took the most time (device time on a GPU, CPU time on a CPU) to
+FILE: where a step's time goes (convolutions, layout conversions, dtype casts, norms).
 The run folder is temporary: nothing is written into the repository.
 """
 
@@ -29,6 +33,7 @@ import torch
 
 from imagen.cli import add_debug_argument, load_config_from_args, run_script
 from imagen.errors import ImagenError
+from imagen.io import atomic_write
 from imagen.throughput import compute_precision, device_name, peak_memory_mb, peak_tflops, training_flops_per_image
 
 
@@ -37,7 +42,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(config, steps: int, warmup: int, peak: float | None = None) -> dict:
+PROFILED_STEPS = 3
+PROFILE_ROWS = 30
+
+
+def profile_table(trainer, device: torch.device) -> str:
+    """torch.profiler's table over ``PROFILED_STEPS`` training steps, the costliest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
+        for _ in range(PROFILED_STEPS):
+            trainer.train_step()
+        synchronize(device)
+    return profiler.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                                         row_limit=PROFILE_ROWS, max_name_column_width=70)
+
+
+def measure(config, steps: int, warmup: int, peak: float | None = None, profile: Path | None = None) -> dict:
     from imagen.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
@@ -62,6 +84,9 @@ def measure(config, steps: int, warmup: int, peak: float | None = None) -> dict:
         name = device_name(device)
         peak = peak if peak is not None else peak_tflops(name, precision)
         achieved = flops / (elapsed / steps) / 1e12
+        if profile is not None:
+            atomic_write(profile, f"{config.unet.type} {config.unet.image_size} px, batch {training.batch_size}, "
+                         f"{PROFILED_STEPS} steps on {device_name(device)}\n{profile_table(trainer, device)}\n")
         return {
             "config": config.unet.type,
             "image_size": config.unet.image_size,
@@ -95,14 +120,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak TFLOP/s for the MFU "
                         "(default: a table of NVIDIA GPUs)")
+    parser.add_argument("--profile", type=Path, metavar="FILE", help="also profile three steps and write the "
+                        "table of the costliest ops and kernels to FILE (a new file)")
     add_debug_argument(parser)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise ImagenError(f"--steps {args.steps} / --warmup {args.warmup}: expected steps >= 1 and warmup >= 0.")
     if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
         raise ImagenError(f"--peak-tflops {args.peak_tflops}: expected a positive number of TFLOP/s.")
+    if args.profile is not None and (args.profile.exists() or not args.profile.parent.is_dir()):
+        raise ImagenError(f"--profile {args.profile}: expected a new file in an existing folder; it "
+                          f"{'already exists' if args.profile.exists() else 'has no such folder'}.")
     config = load_config_from_args(args)
-    print(json.dumps(measure(config, args.steps, args.warmup, args.peak_tflops), indent=1))
+    print(json.dumps(measure(config, args.steps, args.warmup, args.peak_tflops, args.profile), indent=1))
 
 
 if __name__ == "__main__":

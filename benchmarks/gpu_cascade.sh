@@ -2,9 +2,10 @@
 # The mission on one GPU, in about 9 minutes: train the configs/mnist cascade (64x64 base,
 # 64->256 Efficient U-Net) for a fixed time per stage, sample 200 cascade images at 256 px and
 # evaluate them (prompt accuracy, classifier-FID against its real-vs-real floor). The time is
-# the two training budgets (setup included), plus what comes after each (the step under way,
-# a checkpoint, a grid), the T5 check and the evaluation: estimated at 1-2 minutes together on
-# an H100, never measured yet; report.json records every phase.
+# the two training budgets (setup included) plus about 220 s, measured on an H200
+# (benchmarks/RESULTS.md): some 30 s after each stage (process start, the last step, a
+# checkpoint, a grid) and some 150 s for the T5 check, the evaluation (100 s of it the 256 px
+# stage) and the report. With the default 2.5 + 2.5 minutes that is about 8.7 minutes.
 #
 #   bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]
 #   SMOKE=1 bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]   # tiny sizes, 2 steps, any device
@@ -13,7 +14,7 @@
 # TFLOP/s and MFU; the evaluation; the goals; the wall time of every phase), base_grid.png and
 # sr_grid.png (the last training grids), cascade_samples.png (40 of the evaluated images) and
 # log.txt. The runs themselves (checkpoints: gigabytes at 256 px) go to $RUNS, default OUT/runs.
-# Settings: BASE_MINUTES and SR_MINUTES (3.25 each: each stage's budget counts its setup),
+# Settings: BASE_MINUTES and SR_MINUTES (2.5 each: each stage's budget counts its setup),
 # NUM_IMAGES (200), COMPILE (false: torch.compile of the training forward), and SMOKE. The text
 # encoder is google/t5-v1_1-small when the local Hugging Face cache holds it, else the offline
 # tiny T5; report.json says which. Nothing is downloaded (HF_HUB_OFFLINE=1).
@@ -23,8 +24,8 @@ if [ $# -lt 1 ]; then echo "usage: bash benchmarks/gpu_cascade.sh OUT [MNIST_ROO
 OUT="$1"
 DATA="${2:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
 RUNS="${RUNS:-$OUT/runs}"
-BASE_MINUTES="${BASE_MINUTES:-3.25}"
-SR_MINUTES="${SR_MINUTES:-3.25}"
+BASE_MINUTES="${BASE_MINUTES:-2.5}"
+SR_MINUTES="${SR_MINUTES:-2.5}"
 NUM_IMAGES="${NUM_IMAGES:-200}"
 COMPILE="${COMPILE:-false}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -53,12 +54,16 @@ fi
 
 seconds_since() { awk -v start="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - start }'; }
 
-phase() {  # phase <name> <command...>: run it and record its wall time
-  local name=$1 start
+phase() {  # phase <name> <command...>: run it and record its wall time, in the log too
+  local name=$1 start seconds
   shift
   start=$(date +%s.%N)
   "$@"
-  echo "$name $(seconds_since "$start")" >> "$RUNS/timings.txt"
+  seconds=$(seconds_since "$start")
+  echo "$name $seconds" >> "$RUNS/timings.txt"
+  echo "phase $name: $seconds s"
+  # So that a run cut short still tells its training numbers (report.json comes only at the end).
+  if [ -f "$RUNS/$name/metrics.jsonl" ]; then echo "$name, last logged interval: $(tail -n 1 "$RUNS/$name/metrics.jsonl")"; fi
 }
 
 start=$(date +%s.%N)

@@ -16,11 +16,16 @@ from conftest import REPO_ROOT, python
 TINY_T5_WIDTH = 128
 
 
-def test_bench_train_reports_steady_state_throughput(mnist_root):
-    result = python("benchmarks/bench_train.py", "--config", "configs/mnist_cpu/base.yaml", "--set",
-                    f"data.root={mnist_root}", "--set", "training.batch_size=8", "--steps", "2", "--warmup", "1",
-                    "--peak-tflops", "2")
+def test_bench_train_reports_steady_state_throughput(mnist_root, tmp_path):
+    args = ("benchmarks/bench_train.py", "--config", "configs/mnist_cpu/base.yaml", "--set", f"data.root={mnist_root}",
+            "--set", "training.batch_size=8", "--steps", "2", "--warmup", "1", "--peak-tflops", "2")
+    result = python(*args, "--profile", str(tmp_path / "profile.txt"))
     assert result.returncode == 0, result.stderr
+    profile = (tmp_path / "profile.txt").read_text()
+    assert profile.startswith("unet 16 px, batch 8, 3 steps on ") and "aten::convolution_backward" in profile
+    again = python(*args, "--profile", str(tmp_path / "profile.txt"))
+    assert again.returncode == 2 and "--profile" in again.stderr and "already exists" in again.stderr
+    assert (tmp_path / "profile.txt").read_text() == profile
     report = json.loads(result.stdout)
     assert report["steps"] == 2 and report["batch_size"] == 8 and report["device"] == "cpu"
     assert report["images_per_s"] > 0 and report["seconds_per_step"] > 0
@@ -107,7 +112,7 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
     assert report["text_encoder"] == "tiny"  # no T5 in the (offline) Hugging Face cache here
     for name, size in (("base", 16), ("sr", 32)):
         stage = report["stages"][name]
-        assert stage["steps"] == 2 and stage["config"]["image_size"] == size and stage["config"]["max_minutes"] == 3.25
+        assert stage["steps"] == 2 and stage["config"]["image_size"] == size and stage["config"]["max_minutes"] == 2.5
         assert stage["images_per_s"] > 0 and stage["flops_per_image"] > 0 and stage["peak_memory_mb"] > 0
         assert stage["achieved_tflops"] == pytest.approx(stage["flops_per_image"] * stage["images_per_s"] / 1e12)
         assert stage["mfu"] is None and stage["wall_seconds"] > 0  # a CPU has no peak in the table
@@ -117,6 +122,11 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
     assert report["goals"]["prompt_accuracy_met"] == (evaluation["prompt_accuracy"] >= 0.95)
     assert report["goals"]["base_mfu_met"] is False
     assert "cascade at 32 px, 20 images" in result.stdout
+    # Every phase's time and each stage's last logged interval reach the log as they end.
+    log = (out / "log.txt").read_text()
+    for name in ("base", "sr", "evaluation"):
+        assert f"phase {name}: " in log
+    assert '"step": 2' in log.split("base, last logged interval: ")[1].splitlines()[0]
 
     again = subprocess.run(["bash", "benchmarks/gpu_cascade.sh", str(out)], cwd=REPO_ROOT, capture_output=True,
                            text=True, timeout=60)
