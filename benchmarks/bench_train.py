@@ -96,6 +96,7 @@ def measure(config, steps: int, warmup: int, peak: float | None = None, profile:
             "batch_size": training.batch_size,
             "mixed_precision": trainer.accelerator.mixed_precision,
             "compile": training.compile,
+            "channels_last": training.channels_last,
             "parameters": sum(p.numel() for p in network.parameters()),
             "warmup_steps": warmup,
             "steps": steps,

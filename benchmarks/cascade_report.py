@@ -68,6 +68,7 @@ def stage_report(run: Path, device: torch.device, seconds: float | None) -> dict
     return {
         "config": {"image_size": config.unet.image_size, "unet": config.unet.type,
                    "batch_size": training.batch_size, "mixed_precision": precision, "compile": training.compile,
+                   "channels_last": training.channels_last,
                    "max_minutes": training.max_minutes},
         "steps": state["step"],
         "images_trained": state["step"] * training.batch_size * training.grad_accum_steps,

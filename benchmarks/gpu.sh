@@ -1,22 +1,44 @@
 #!/usr/bin/env bash
 # The GPU numbers for benchmarks/RESULTS.md: training throughput, peak memory and model FLOPs
-# utilisation of the configs/mnist stages, without and with torch.compile, as JSON lines.
-# The U-Nets are the configs'; the text encoder is the offline tiny T5 (GPU machines here
-# cannot reach the hub), which only changes the cross-attention width.
+# utilisation of the configs/mnist stages in each speed setting, as JSON lines. The U-Nets are
+# the configs'; the text encoder is the offline tiny T5 (GPU machines here cannot reach the
+# hub), which only changes the cross-attention width.
 #
 #   bash benchmarks/gpu.sh ../shared/data > gpu.jsonl
-#   STEPS=2 WARMUP=1 BATCH=2 bash benchmarks/gpu.sh ../shared/data   # a quick smoke run
+#   VARIANTS="eager channels_last" bash benchmarks/gpu.sh ../shared/data   # a subset
+#   STEPS=2 WARMUP=1 BATCH=2 bash benchmarks/gpu.sh ../shared/data         # a quick smoke run
+#
+# VARIANTS (default "eager compile channels_last compile+channels_last"): eager is the configs
+# as they are; compile sets training.compile; channels_last sets training.channels_last.
 set -euo pipefail
 DATA="${1:-../shared/data}"
 STEPS="${STEPS:-50}"
 WARMUP="${WARMUP:-10}"
+VARIANTS="${VARIANTS:-eager compile channels_last compile+channels_last}"
 extra=()
 if [ -n "${BATCH:-}" ]; then extra=(--set "training.batch_size=$BATCH"); fi
 
+settings_of() {  # the --set options of a variant
+  case "$1" in
+    eager) ;;
+    compile) echo "--set training.compile=true" ;;
+    channels_last) echo "--set training.channels_last=true" ;;
+    compile+channels_last) echo "--set training.compile=true --set training.channels_last=true" ;;
+    *) return 1 ;;
+  esac
+}
+for variant in $VARIANTS; do  # every name checked before anything runs
+  if ! settings_of "$variant" > /dev/null; then
+    echo "error: VARIANTS: unknown variant '$variant'; expected eager, compile, channels_last or compile+channels_last." >&2
+    exit 2
+  fi
+done
+
 for stage in base sr_256; do
-  for compile in false true; do
+  for variant in $VARIANTS; do
+    read -r -a settings <<< "$(settings_of "$variant")"
     python benchmarks/bench_train.py --config "configs/mnist/$stage.yaml" --set text_encoder.name=tiny \
-      --set "data.root=$DATA" --set "training.compile=$compile" --steps "$STEPS" --warmup "$WARMUP" \
-      "${extra[@]}" | python -c "import json, sys; print(json.dumps(json.load(sys.stdin)))"
+      --set "data.root=$DATA" "${settings[@]}" --steps "$STEPS" --warmup "$WARMUP" "${extra[@]}" \
+      | python -c "import json, sys; r = json.load(sys.stdin); print(json.dumps({'variant': '$variant', **r}))"
   done
 done

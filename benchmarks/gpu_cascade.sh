@@ -15,7 +15,8 @@
 # sr_grid.png (the last training grids), cascade_samples.png (40 of the evaluated images) and
 # log.txt. The runs themselves (checkpoints: gigabytes at 256 px) go to $RUNS, default OUT/runs.
 # Settings: BASE_MINUTES and SR_MINUTES (2.5 each: each stage's budget counts its setup),
-# NUM_IMAGES (200), COMPILE (false: torch.compile of the training forward), and SMOKE. The text
+# NUM_IMAGES (200), COMPILE (false: torch.compile of the training forward), CHANNELS_LAST (false:
+# training.channels_last), and SMOKE. The text
 # encoder is google/t5-v1_1-small when the local Hugging Face cache holds it, else the offline
 # tiny T5; report.json says which. Nothing is downloaded (HF_HUB_OFFLINE=1).
 set -euo pipefail
@@ -28,6 +29,7 @@ BASE_MINUTES="${BASE_MINUTES:-2.5}"
 SR_MINUTES="${SR_MINUTES:-2.5}"
 NUM_IMAGES="${NUM_IMAGES:-200}"
 COMPILE="${COMPILE:-false}"
+CHANNELS_LAST="${CHANNELS_LAST:-false}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ -e "$OUT/report.json" ]; then echo "error: $OUT already holds a report.json; choose another OUT." >&2; exit 2; fi
 if [ -e "$RUNS/base" ] || [ -e "$RUNS/sr" ]; then
@@ -70,9 +72,11 @@ start=$(date +%s.%N)
 ENCODER=$(python benchmarks/cascade_report.py encoder)
 echo "text encoder: $ENCODER"
 phase base python train_base_mnist.py --config configs/mnist/base.yaml --output-dir "$RUNS/base" \
-  --set "data.root=$DATA" --set "text_encoder.name=$ENCODER" --set "training.compile=$COMPILE" "${base[@]}"
+  --set "data.root=$DATA" --set "text_encoder.name=$ENCODER" --set "training.compile=$COMPILE" \
+  --set "training.channels_last=$CHANNELS_LAST" "${base[@]}"
 phase sr python train_sr_mnist.py --config configs/mnist/sr_256.yaml --output-dir "$RUNS/sr" \
-  --set "data.root=$DATA" --set "text_encoder.name=$ENCODER" --set "training.compile=$COMPILE" "${sr[@]}"
+  --set "data.root=$DATA" --set "text_encoder.name=$ENCODER" --set "training.compile=$COMPILE" \
+  --set "training.channels_last=$CHANNELS_LAST" "${sr[@]}"
 phase evaluation python evaluate_imagen.py --mode cascade --checkpoints "$RUNS/base" "$RUNS/sr" --data-root "$DATA" \
   --num-images "$NUM_IMAGES" --seed 0 --no-unconditional --output-dir "$RUNS/evaluation" "${evaluation[@]}"
 python benchmarks/cascade_report.py report --runs "$RUNS" --output-dir "$OUT" --encoder "$ENCODER" \

@@ -113,6 +113,7 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
     for name, size in (("base", 16), ("sr", 32)):
         stage = report["stages"][name]
         assert stage["steps"] == 2 and stage["config"]["image_size"] == size and stage["config"]["max_minutes"] == 2.5
+        assert stage["config"]["compile"] is False and stage["config"]["channels_last"] is False
         assert stage["images_per_s"] > 0 and stage["flops_per_image"] > 0 and stage["peak_memory_mb"] > 0
         assert stage["achieved_tflops"] == pytest.approx(stage["flops_per_image"] * stage["images_per_s"] / 1e12)
         assert stage["mfu"] is None and stage["wall_seconds"] > 0  # a CPU has no peak in the table
