@@ -134,6 +134,13 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
     assert again.returncode == 2 and "already holds a report.json" in again.stderr
 
 
+def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything(tmp_path):
+    result = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "VARIANTS": "eager compiled"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert "VARIANTS: unknown variant 'compiled'" in result.stderr and "channels_last" in result.stderr
+
+
 def test_the_inpainting_benchmark_reports_both_prompts(trained, classifier, mnist_root, tmp_path):
     result = python("benchmarks/inpaint_digits.py", "--checkpoints", str(trained / "base"), str(trained / "sr"),
                     "--data-root", str(mnist_root), "--output-dir", str(tmp_path), "--num-images", "20", "--steps", "2")
