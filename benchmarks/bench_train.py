@@ -16,7 +16,7 @@ on a CPU without it).
 ``--profile FILE`` then runs three more steps under ``torch.profiler`` and writes its table of
 the ops and kernels that took the most time (device time on a GPU, CPU time on a CPU) to
 FILE: where a step's time goes (convolutions, layout conversions, dtype casts, norms).
-The run folder is temporary: nothing is written into the repository.
+The run folder is temporary: nothing is written but the ``--profile`` FILE.
 """
 
 from __future__ import annotations
@@ -84,10 +84,7 @@ def measure(config, steps: int, warmup: int, peak: float | None = None, profile:
         name = device_name(device)
         peak = peak if peak is not None else peak_tflops(name, precision)
         achieved = flops / (elapsed / steps) / 1e12
-        if profile is not None:
-            atomic_write(profile, f"{config.unet.type} {config.unet.image_size} px, batch {training.batch_size}, "
-                         f"{PROFILED_STEPS} steps on {device_name(device)}\n{profile_table(trainer, device)}\n")
-        return {
+        result = {
             "config": config.unet.type,
             "image_size": config.unet.image_size,
             "device": str(device),
@@ -111,6 +108,17 @@ def measure(config, steps: int, warmup: int, peak: float | None = None, profile:
             "peak_precision": precision,
             "mfu": achieved / peak if peak else None,
         }
+        if profile is not None:  # after the measurement, so that the profiler's own memory is not in it
+            settings = ", ".join(f"{key} {result[key]}" for key in ("mixed_precision", "compile", "channels_last"))
+            text = (f"{config.unet.type} {config.unet.image_size} px, batch {training.batch_size}, {settings}, on "
+                    f"{name}: {result['seconds_per_step'] * 1000:.1f} ms/step timed, then {PROFILED_STEPS} steps "
+                    f"profiled\n{profile_table(trainer, device)}\n")
+            try:
+                atomic_write(profile, text, exclusive=True)
+            except FileExistsError:
+                raise ImagenError(f"--profile {profile}: another process created it during the run; it was left "
+                                  "as it is and this profile was not written.") from None
+        return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,9 +137,12 @@ def main(argv: list[str] | None = None) -> None:
         raise ImagenError(f"--steps {args.steps} / --warmup {args.warmup}: expected steps >= 1 and warmup >= 0.")
     if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
         raise ImagenError(f"--peak-tflops {args.peak_tflops}: expected a positive number of TFLOP/s.")
-    if args.profile is not None and (args.profile.exists() or not args.profile.parent.is_dir()):
-        raise ImagenError(f"--profile {args.profile}: expected a new file in an existing folder; it "
-                          f"{'already exists' if args.profile.exists() else 'has no such folder'}.")
+    if args.profile is not None:
+        problem = ("already exists" if args.profile.exists() or args.profile.is_symlink() else
+                   None if args.profile.parent.is_dir() else "is in a folder that does not exist")
+        if problem:
+            raise ImagenError(f"--profile {args.profile}: expected a new file in an existing folder, but it "
+                              f"{problem}.")
     config = load_config_from_args(args)
     print(json.dumps(measure(config, args.steps, args.warmup, args.peak_tflops, args.profile), indent=1))
 

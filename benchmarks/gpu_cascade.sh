@@ -2,10 +2,10 @@
 # The mission on one GPU, in about 9 minutes: train the configs/mnist cascade (64x64 base,
 # 64->256 Efficient U-Net) for a fixed time per stage, sample 200 cascade images at 256 px and
 # evaluate them (prompt accuracy, classifier-FID against its real-vs-real floor). The time is
-# the two training budgets (setup included) plus about 220 s, measured on an H200
-# (benchmarks/RESULTS.md): some 30 s after each stage (process start, the last step, a
-# checkpoint, a grid) and some 150 s for the T5 check, the evaluation (100 s of it the 256 px
-# stage) and the report. With the default 2.5 + 2.5 minutes that is about 8.7 minutes.
+# the two training budgets (setup included) plus what comes after each stage (the last step,
+# a checkpoint, a grid), the T5 check, the evaluation and the report: about 190 s more,
+# estimated from an H200 run that a time limit cut short (benchmarks/RESULTS.md). With the
+# default 2.5 + 2.5 minutes that makes about 8.2 minutes.
 #
 #   bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]
 #   SMOKE=1 bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]   # tiny sizes, 2 steps, any device
@@ -15,10 +15,11 @@
 # sr_grid.png (the last training grids), cascade_samples.png (40 of the evaluated images) and
 # log.txt. The runs themselves (checkpoints: gigabytes at 256 px) go to $RUNS, default OUT/runs.
 # Settings: BASE_MINUTES and SR_MINUTES (2.5 each: each stage's budget counts its setup),
-# NUM_IMAGES (200), COMPILE (false: torch.compile of the training forward), CHANNELS_LAST (false:
-# training.channels_last), and SMOKE. The text
-# encoder is google/t5-v1_1-small when the local Hugging Face cache holds it, else the offline
-# tiny T5; report.json says which. Nothing is downloaded (HF_HUB_OFFLINE=1).
+# NUM_IMAGES (200), COMPILE (false: torch.compile of the training forward), CHANNELS_LAST
+# (false: training.channels_last), and SMOKE. The text encoder is google/t5-v1_1-small when the
+# local Hugging Face cache holds it, else the offline tiny T5; report.json says which. Nothing
+# is downloaded (HF_HUB_OFFLINE=1). Phase times and each stage's last logged interval go to
+# the log as they happen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then echo "usage: bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]" >&2; exit 2; fi

@@ -82,12 +82,14 @@ def umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes | str, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
     The bytes go to a temporary file in the same folder (same filesystem, so the final
     ``os.replace`` is atomic), are flushed to disk, and only then replace ``path``. The
     file gets the permissions the umask gives new files (mkstemp alone would make it 0600).
+    ``exclusive`` publishes with ``os.link`` instead, which raises ``FileExistsError`` rather
+    than replace a file that appeared at ``path`` in the meantime.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             tmp.write(payload)
             tmp.flush()
             os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
+        if exclusive:
+            os.link(tmp_name, path)
+            os.unlink(tmp_name)
+        else:
+            os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

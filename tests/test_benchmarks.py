@@ -22,7 +22,8 @@ def test_bench_train_reports_steady_state_throughput(mnist_root, tmp_path):
     result = python(*args, "--profile", str(tmp_path / "profile.txt"))
     assert result.returncode == 0, result.stderr
     profile = (tmp_path / "profile.txt").read_text()
-    assert profile.startswith("unet 16 px, batch 8, 3 steps on ") and "aten::convolution_backward" in profile
+    assert profile.startswith("unet 16 px, batch 8, mixed_precision no, compile False, channels_last False, on cpu: ")
+    assert "3 steps profiled" in profile and "aten::convolution_backward" in profile
     again = python(*args, "--profile", str(tmp_path / "profile.txt"))
     assert again.returncode == 2 and "--profile" in again.stderr and "already exists" in again.stderr
     assert (tmp_path / "profile.txt").read_text() == profile
@@ -139,6 +140,9 @@ def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything
                             text=True, timeout=60, env={**os.environ, "VARIANTS": "eager compiled"})
     assert result.returncode == 2 and result.stdout == ""
     assert "VARIANTS: unknown variant 'compiled'" in result.stderr and "channels_last" in result.stderr
+    empty = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "VARIANTS": " "})
+    assert empty.returncode == 2 and "VARIANTS is empty" in empty.stderr
 
 
 def test_the_inpainting_benchmark_reports_both_prompts(trained, classifier, mnist_root, tmp_path):

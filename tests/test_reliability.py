@@ -24,6 +24,7 @@ from imagen.cascade import Cascade, load_stage
 from imagen.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_tensors
 from imagen.cli import run_script
 from imagen.config import TextEncoderConfig
+from imagen.io import atomic_write
 from imagen.text import TextEmbeddingCache
 from imagen.trainer import Trainer, TrainingError
 
@@ -233,6 +234,16 @@ def table(root: Path, trained: Path, mnist: Path):
 
 def snapshot(*roots: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for root in roots for path in root.rglob("*") if path.is_file()}
+
+
+def test_an_exclusive_atomic_write_never_replaces_a_file(tmp_path):
+    target = tmp_path / "profile.txt"
+    atomic_write(target, "first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic_write(target, "second", exclusive=True)
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["profile.txt"]
+    atomic_write(target, "third")  # the default replaces, atomically
+    assert target.read_text() == "third" and [p.name for p in tmp_path.iterdir()] == ["profile.txt"]
 
 
 def test_every_bad_input_exits_2_with_one_clear_message_and_loses_no_file(bad_inputs, trained, mnist_root, capsys,
