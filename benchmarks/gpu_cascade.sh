@@ -43,14 +43,9 @@ base=(--set "training.max_minutes=$BASE_MINUTES")
 sr=(--set "training.max_minutes=$SR_MINUTES")
 evaluation=()
 if [ -n "${SMOKE:-}" ]; then  # the same commands at sizes a CPU runs in a minute
-  tiny=(--set training.batch_size=4 --set training.max_steps=2 --set training.log_every=1 --set sampling.steps=2
-        --set "training.sample_guidance=[1]" --set training.mixed_precision=auto --set sampling.mixed_precision=auto
-        --set text_encoder.max_length=8 --set text_encoder.dtype=float32 --set unet.base_channels=16
-        --set "unet.channel_mults=[1, 2]" --set unet.num_head_channels=16 --set unet.dropout=0.0)
-  base+=("${tiny[@]}" --set unet.image_size=16 --set unet.num_res_blocks=1 --set "unet.attention_resolutions=[8]"
-         --set "unet.cross_attention_resolutions=[8]")
-  sr+=("${tiny[@]}" --set unet.image_size=32 --set super_resolution.low_res_size=16 --set "unet.num_res_blocks=[1, 1]"
-       --set unet.attention_resolutions=null --set unet.cross_attention_resolutions=null)
+  source benchmarks/tiny_stages.sh
+  base+=("${TINY_BASE[@]}")
+  sr+=("${TINY_SR[@]}")
   evaluation=(--steps 2 --batch-size 10)
   NUM_IMAGES=20
 fi
