@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Every script's paths at tiny sizes on the machine's device (its GPU, when it has one), so that
-# one short call on a lent GPU shows them device-clean. gpu_cascade.sh covers training under a
-# time budget and the cascade evaluation; this covers the rest: resume (RNG states, EMA,
-# optimizer), channels_last, sampling from prompts, image-to-image, inpainting, your own
-# low-resolution images, the super-resolution evaluation, shard preparation and training from
-# shards (loader workers, pinned memory), the scene stages and their evaluation, and the EDM
-# formulation.
+# The main paths besides the acceptance run, at tiny sizes on the machine's device (its GPU,
+# when it has one), so that one short call on a lent GPU shows them device-clean.
+# gpu_cascade.sh covers training under a time budget and the cascade evaluation; this covers:
+# - channels_last training with attention, and resume (checked to continue, not restart);
+# - sampling from prompts, image-to-image, inpainting and your own low-resolution images;
+# - the super-resolution evaluation;
+# - shard preparation and training from shards (loader workers, pinned memory on a GPU);
+# - training from a captioned image folder;
+# - the configs/mnist_scenes stages and their evaluation;
+# - the EDM formulation, both stages.
 #
 #   bash benchmarks/device_paths.sh OUT [MNIST_ROOT]
-#   COMPILE=1 bash benchmarks/device_paths.sh OUT [MNIST_ROOT]   # also torch.compile the resumed run
+#   COMPILE=1 bash benchmarks/device_paths.sh OUT [MNIST_ROOT]   # the resumed base run compiled too
 #
-# OUT (a new folder) receives log.txt, with "ok NAME SECONDS" for every path that ran, and the
-# runs and outputs of each. The first failure stops the script with a non-zero status.
-# COMPILE=1 is for a GPU: on a CPU compiling takes minutes.
+# Relative paths are taken from the repository's root. OUT (a new folder) receives the runs
+# and outputs of every path and log.txt: the device, then "ok NAME SECONDS" per path, or
+# "FAIL NAME" and a non-zero exit at the first failure. The ran_on_device check compares the
+# device the sampler used with the one torch sees. COMPILE=1 is for a GPU: on a CPU compiling
+# takes minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then echo "usage: bash benchmarks/device_paths.sh OUT [MNIST_ROOT]" >&2; exit 2; fi
@@ -20,18 +25,21 @@ OUT="$1"
 DATA="${2:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
 if [ -e "$OUT" ]; then echo "error: $OUT already exists; give a new folder for this check's runs and outputs." >&2; exit 2; fi
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 source benchmarks/tiny_stages.sh
 
 seconds_since() { awk -v start="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - start }'; }
-check() {  # check NAME COMMAND...: run one path and log its time
-  local name=$1 start
+log() { echo "$1" | tee -a "$OUT/log.txt"; }
+check() {  # check NAME COMMAND...: run one path and log its time, or its failure
+  local name=$1 start status
   shift
   start=$(date +%s.%N)
-  "$@"
-  echo "ok $name $(seconds_since "$start")"
+  "$@" || { status=$?; log "FAIL $name (exit $status after $(seconds_since "$start") s)"; exit "$status"; }
+  log "ok $name $(seconds_since "$start")"
 }
+
+DEVICE=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+log "device: $(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'torch', torch.__version__)")"
 
 data=(--set "data.root=$DATA" --set text_encoder.name=tiny)
 base="$OUT/runs/base"
@@ -41,10 +49,10 @@ compile=()
 if [ -n "${COMPILE:-}" ]; then compile=(--set training.compile=true); fi
 
 check train_base python train_base_mnist.py --config configs/mnist/base.yaml --output-dir "$base" "${data[@]}" \
-  "${TINY_BASE[@]}"
+  "${TINY_BASE[@]}" --set training.channels_last=true
 check resume_base python train_base_mnist.py --config configs/mnist/base.yaml --output-dir "$base" --resume \
-  "${data[@]}" "${TINY_BASE[@]}" --set training.max_steps=4 "${compile[@]}"
-python - "$base/metrics.jsonl" <<'PY'
+  "${data[@]}" "${TINY_BASE[@]}" --set training.channels_last=true --set training.max_steps=4 "${compile[@]}"
+check resume_continued python - "$base/metrics.jsonl" <<'PY'
 import json
 import sys
 
@@ -52,17 +60,28 @@ steps = [json.loads(line)["step"] for line in open(sys.argv[1], encoding="utf-8"
 if steps != [1, 2, 3, 4]:
     sys.exit(f"error: the base run logged steps {steps}; a resume that continues logs 1, 2, then 3, 4.")
 PY
-check train_sr_channels_last python train_sr_mnist.py --config configs/mnist/sr_256.yaml --output-dir "$sr" \
-  "${data[@]}" "${TINY_SR[@]}" --set training.channels_last=true
+check train_sr python train_sr_mnist.py --config configs/mnist/sr_256.yaml --output-dir "$sr" "${data[@]}" \
+  "${TINY_SR[@]}" --set training.channels_last=true --set "unet.attention_resolutions=[16]"
 
 check sample python sample_imagen.py "${cascade[@]}" --prompts seven 3 --num-per-prompt 2 --steps 2 \
   --output-dir "$OUT/sample"
-digit=$(find "$OUT/sample/images" -name '*.png' | sort | head -n 1)
+check ran_on_device python - "$OUT/sample/metadata.json" "$DEVICE" <<'PY'
+import json
+import sys
+
+used = json.load(open(sys.argv[1], encoding="utf-8"))["device"]
+if not used.startswith(sys.argv[2]):
+    sys.exit(f"error: the sampler ran on {used}, but torch sees {sys.argv[2]}.")
+PY
+images=("$OUT"/sample/images/*.png)
+digit=${images[0]}
 check image_to_image python sample_imagen.py "${cascade[@]}" --prompts three --init-images "$digit" --strength 0.5 \
   --steps 2 --output-dir "$OUT/image_to_image"
 python - "$OUT/mask.png" <<'PY'
 import sys
+
 from PIL import Image
+
 mask = Image.new("L", (32, 32), 0)  # black: keep
 mask.paste(255, (0, 16, 32, 32))  # white: draw the lower half
 mask.save(sys.argv[1])
@@ -74,30 +93,38 @@ check low_res python sample_imagen.py "${cascade[@]}" --prompts seven --low-res 
 check evaluate_sr python evaluate_imagen.py --mode sr --checkpoints "$base" "$sr" --data-root "$DATA" \
   --num-images 20 --steps 2 --batch-size 10 --seed 0 --output-dir "$OUT/evaluate_sr"
 
-captions="$OUT/captions"  # the sampled digits as a captioned folder: image.png + image.txt
+# The sampled digits as a captioned folder (image.png + image.txt). Their names are
+# <index>_<prompt>.png, and the one-word prompts above survive that naming unchanged.
+captions="$OUT/captions"
 mkdir -p "$captions"
-for image in "$OUT"/sample/images/*.png; do
+for image in "${images[@]}"; do
   name=$(basename "$image" .png)
   cp "$image" "$captions/$name.png"
   echo "${name#*_}" > "$captions/$name.txt"
 done
+check train_caption_folder python train_base_mnist.py --config configs/mnist/base.yaml \
+  --output-dir "$OUT/runs/caption_folder" "${TINY_BASE[@]}" --set text_encoder.name=tiny \
+  --set data.dataset=caption_folder --set "data.root=$captions"
 check prepare_shards python prepare_dataset.py --config configs/mnist/base.yaml "${TINY_BASE[@]}" \
   --set text_encoder.name=tiny --source "$captions" --output "$OUT/shards" --shard-size 2
 check train_from_shards python train_base_mnist.py --config configs/mnist/base.yaml --output-dir "$OUT/runs/shards" \
   "${TINY_BASE[@]}" --set text_encoder.name=tiny --set data.dataset=shards --set "data.root=$OUT/shards" \
   --set data.workers=2
 
-scene=(--set "data.root=$DATA" --set training.batch_size=4 --set training.max_steps=2 --set sampling.steps=2
-       --set "training.sample_guidance=[1]" --set unet.base_channels=16 --set unet.num_head_channels=16)
-check train_scene_base python train_base_mnist.py --config configs/mnist_scenes_cpu/base.yaml \
-  --output-dir "$OUT/runs/scene_base" "${scene[@]}"
-check train_scene_sr python train_sr_mnist.py --config configs/mnist_scenes_cpu/sr.yaml \
-  --output-dir "$OUT/runs/scene_sr" "${scene[@]}"
+scene=(--set "data.root=$DATA" --set text_encoder.name=tiny-scenes --set text_encoder.max_length=24)
+check train_scene_base python train_base_mnist.py --config configs/mnist_scenes/base.yaml \
+  --output-dir "$OUT/runs/scene_base" "${TINY_BASE[@]}" "${scene[@]}"
+check train_scene_sr python train_sr_mnist.py --config configs/mnist_scenes/sr_256.yaml \
+  --output-dir "$OUT/runs/scene_sr" "${TINY_SR[@]}" "${scene[@]}"
 check evaluate_scenes python evaluate_imagen.py --mode scenes --checkpoints "$OUT/runs/scene_base" \
   "$OUT/runs/scene_sr" --data-root "$DATA" --num-images 20 --steps 2 --seed 0 --output-dir "$OUT/evaluate_scenes"
 
-check train_edm python train_base_mnist.py --config configs/mnist_cpu/base_edm.yaml --output-dir "$OUT/runs/edm" \
-  "${scene[@]}"
-check sample_edm python sample_imagen.py --checkpoint "$OUT/runs/edm" --prompts seven --steps 2 \
-  --output-dir "$OUT/sample_edm"
-echo "every path ran"
+small=(--set "data.root=$DATA" --set training.batch_size=4 --set training.max_steps=2 --set sampling.steps=2
+       --set "training.sample_guidance=[1]" --set unet.base_channels=16 --set unet.num_head_channels=16)
+check train_edm_base python train_base_mnist.py --config configs/mnist_cpu/base_edm.yaml \
+  --output-dir "$OUT/runs/edm_base" "${small[@]}"
+check train_edm_sr python train_sr_mnist.py --config configs/mnist_cpu/sr_edm.yaml --output-dir "$OUT/runs/edm_sr" \
+  "${small[@]}"
+check sample_edm python sample_imagen.py --checkpoint "$OUT/runs/edm_base" --checkpoint "$OUT/runs/edm_sr" \
+  --prompts seven --steps 2 --output-dir "$OUT/sample_edm"
+log "every path ran"

@@ -1,6 +1,6 @@
-# Sourced by the GPU scripts: --set options that shrink the configs/mnist stages to sizes a
-# CPU trains in seconds (16 px base, 16 -> 32 px super-resolution, 2 steps), so that the very
-# commands of a GPU run can be checked anywhere.
+# Sourced by gpu_cascade.sh (SMOKE=1) and device_paths.sh: --set options that shrink the
+# configs/mnist stages to sizes a CPU trains in seconds (16 px base, 16 -> 32 px
+# super-resolution, 2 steps), so that the very commands of a GPU run can be checked anywhere.
 TINY=(--set training.batch_size=4 --set training.max_steps=2 --set training.log_every=1 --set sampling.steps=2
       --set "training.sample_guidance=[1]" --set training.mixed_precision=auto --set sampling.mixed_precision=auto
       --set text_encoder.max_length=8 --set text_encoder.dtype=float32 --set unet.base_channels=16

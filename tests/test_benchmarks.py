@@ -135,32 +135,38 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
     assert again.returncode == 2 and "already holds a report.json" in again.stderr
 
 
-DEVICE_PATHS = ["train_base", "resume_base", "train_sr_channels_last", "sample", "image_to_image", "inpaint",
-                "low_res", "evaluate_sr", "prepare_shards", "train_from_shards", "train_scene_base", "train_scene_sr",
-                "evaluate_scenes", "train_edm", "sample_edm"]
+DEVICE_PATHS = ["train_base", "resume_base", "resume_continued", "train_sr", "sample", "ran_on_device",
+                "image_to_image", "inpaint", "low_res", "evaluate_sr", "train_caption_folder", "prepare_shards",
+                "train_from_shards", "train_scene_base", "train_scene_sr", "evaluate_scenes", "train_edm_base",
+                "train_edm_sr", "sample_edm"]
 
 
 @pytest.mark.slow
 def test_the_device_paths_script_runs_every_path_at_tiny_sizes(classifier, mnist_root, tmp_path):
-    """benchmarks/device_paths.sh, what a lent GPU runs to show every path device-clean, on the CPU."""
+    """benchmarks/device_paths.sh, what a lent GPU runs to show the paths device-clean, on the CPU."""
     out = tmp_path / "out"
     result = subprocess.run(["bash", "benchmarks/device_paths.sh", str(out), str(mnist_root)], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = (out / "log.txt").read_text()
-    assert [line.split()[1] for line in log.splitlines() if line.startswith("ok ")] == DEVICE_PATHS
-    assert log.rstrip().endswith("every path ran")
+    log = (out / "log.txt").read_text().splitlines()
+    assert log[0].startswith("device: cpu torch ") and log[-1] == "every path ran"
+    assert [line.split()[1] for line in log[1:-1]] == DEVICE_PATHS and all(line.startswith("ok ") for line in log[1:-1])
     assert sorted(p.name for p in (out / "runs" / "base" / "checkpoints").iterdir()) == ["step_00000002",
                                                                                         "step_00000004"]
     for folder in ("sample", "image_to_image", "inpaint", "low_res", "sample_edm"):
         assert (out / folder / "grid.png").is_file(), folder
-    assert (out / "runs" / "shards" / "checkpoints" / "step_00000002").is_dir()
+    for run in ("caption_folder", "shards", "scene_base", "scene_sr", "edm_base", "edm_sr"):
+        assert (out / "runs" / run / "checkpoints" / "step_00000002").is_dir(), run
     for folder in ("evaluate_sr", "evaluate_scenes"):
         assert json.loads((out / folder / "report.json").read_text())["num_images"] == 20
 
     again = subprocess.run(["bash", "benchmarks/device_paths.sh", str(out)], cwd=REPO_ROOT, capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 2 and "already exists" in again.stderr and again.stdout == ""
+    failing = subprocess.run(["bash", "benchmarks/device_paths.sh", str(tmp_path / "failing"), str(tmp_path / "none")],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert failing.returncode != 0
+    assert (tmp_path / "failing" / "log.txt").read_text().splitlines()[1].startswith("FAIL train_base (exit 2 after ")
 
 
 def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything(tmp_path):
