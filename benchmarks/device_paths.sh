@@ -38,8 +38,11 @@ check() {  # check NAME COMMAND...: run one path and log its time, or its failur
   log "ok $name $(seconds_since "$start")"
 }
 
-DEVICE=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-log "device: $(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'torch', torch.__version__)")"
+# One interpreter start for both: the device type the checks expect, and the line that names it.
+description=$(python -c "import torch; cuda = torch.cuda.is_available(); \
+print('cuda' if cuda else 'cpu', torch.cuda.get_device_name() if cuda else 'cpu', 'torch', torch.__version__)")
+DEVICE=${description%% *}
+log "device: ${description#* }"
 
 data=(--set "data.root=$DATA" --set text_encoder.name=tiny)
 base="$OUT/runs/base"

@@ -15,7 +15,8 @@ set -euo pipefail
 DATA="${1:-../shared/data}"
 STEPS="${STEPS:-50}"
 WARMUP="${WARMUP:-10}"
-read -r -a variants <<< "${VARIANTS:-eager compile channels_last compile+channels_last}"
+KNOWN="eager compile channels_last compile+channels_last"
+read -r -a variants <<< "${VARIANTS:-$KNOWN}"
 extra=()
 if [ -n "${BATCH:-}" ]; then extra=(--set "training.batch_size=$BATCH"); fi
 
@@ -29,12 +30,12 @@ settings_of() {  # settings_of VARIANT: sets the array settings to the variant's
   esac
 }
 if [ ${#variants[@]} -eq 0 ]; then
-  echo "error: VARIANTS is empty; name one or more of eager, compile, channels_last, compile+channels_last." >&2
+  echo "error: VARIANTS is empty; name one or more of: $KNOWN." >&2
   exit 2
 fi
 for variant in "${variants[@]}"; do  # every name checked before anything runs
   if ! settings_of "$variant"; then
-    echo "error: VARIANTS: unknown variant '$variant'; expected eager, compile, channels_last or compile+channels_last." >&2
+    echo "error: VARIANTS: unknown variant '$variant'; expected one of: $KNOWN." >&2
     exit 2
   fi
 done
