@@ -67,7 +67,8 @@ def stage_report(run: Path, device: torch.device, seconds: float | None) -> dict
     training = config.training
     return {
         "config": {"image_size": config.unet.image_size, "unet": config.unet.type,
-                   "batch_size": training.batch_size, "mixed_precision": precision, "compile": training.compile,
+                   "batch_size": training.batch_size, "lr": training.lr, "warmup_steps": training.warmup_steps,
+                   "mixed_precision": precision, "compile": training.compile,
                    "channels_last": training.channels_last,
                    "max_minutes": training.max_minutes},
         "steps": state["step"],

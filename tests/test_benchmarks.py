@@ -115,9 +115,11 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
         stage = report["stages"][name]
         assert stage["steps"] == 2 and stage["config"]["image_size"] == size and stage["config"]["max_minutes"] == 2.5
         assert stage["config"]["compile"] is False and stage["config"]["channels_last"] is False
+        assert stage["config"]["warmup_steps"] == 100  # the budget schedule, not the configs' 1000 steps
         assert stage["images_per_s"] > 0 and stage["flops_per_image"] > 0 and stage["peak_memory_mb"] > 0
         assert stage["achieved_tflops"] == pytest.approx(stage["flops_per_image"] * stage["images_per_s"] / 1e12)
         assert stage["mfu"] is None and stage["wall_seconds"] > 0  # a CPU has no peak in the table
+    assert report["stages"]["base"]["config"]["lr"] == 3e-4 and report["stages"]["sr"]["config"]["lr"] == 5e-4
     evaluation = report["evaluation"]
     assert evaluation["num_images"] == 20 and evaluation["resolution"] == 32 and evaluation["seed"] == 0
     assert 0 <= evaluation["prompt_accuracy"] <= 1 and evaluation["fid"] > evaluation["fid_floor"] > 0
@@ -177,6 +179,18 @@ def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything
     empty = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
                            text=True, timeout=60, env={**os.environ, "VARIANTS": " "})
     assert empty.returncode == 2 and "VARIANTS is empty" in empty.stderr
+
+
+def test_the_budget_stand_in_script_refuses_a_bad_stage_or_an_existing_folder(tmp_path):
+    def run(*args):
+        return subprocess.run(["bash", "benchmarks/budget_lr_cpu.sh", *args], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=60)
+
+    bad_stage = run(str(tmp_path / "new"), "sr_256", "1e-3")
+    assert bad_stage.returncode == 2 and "base|sr" in bad_stage.stderr and not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    existing = run(str(tmp_path / "old"), "base", "1e-3")
+    assert existing.returncode == 2 and "already exists" in existing.stderr and not any((tmp_path / "old").iterdir())
 
 
 def test_the_inpainting_benchmark_reports_both_prompts(trained, classifier, mnist_root, tmp_path):

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# A CPU stand-in for a time-budgeted GPU run (benchmarks/gpu_cascade.sh): train one
+# configs/mnist_cpu stage for as many steps as the GPU budget gives its configs/mnist
+# counterpart, at a chosen learning rate and warmup, then score it with evaluate_imagen.py
+# (200 images, seed 0). The results are in benchmarks/RESULTS.md, "The learning rate of a
+# budget run".
+#
+#   bash benchmarks/budget_lr_cpu.sh OUT base|sr LR [MNIST_ROOT]
+#
+# Settings: WARMUP (100), STEPS (base 580 at batch 128, sr 420 at batch 32: what 2.5 minutes
+# gave each stage on an H200), WIDTH (unet.base_channels; default the config's 32), SWEEP
+# (guidance weights of the evaluated stage; default base 2,5 and sr 3,4). The learning rate is
+# held constant after the warmup, as the configs' 50,000-step cosine is over those few hundred
+# steps. OUT receives the run (OUT/run) and its evaluation (OUT/evaluation/report.json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 3 ] || { [ "$2" != base ] && [ "$2" != sr ]; }; then
+  echo "usage: bash benchmarks/budget_lr_cpu.sh OUT base|sr LR [MNIST_ROOT]" >&2
+  exit 2
+fi
+OUT="$1"
+STAGE="$2"
+LR="$3"
+DATA="${4:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+if [ -e "$OUT" ]; then echo "error: $OUT already exists; choose another OUT." >&2; exit 2; fi
+if [ "$STAGE" = base ]; then
+  script=train_base_mnist.py; steps="${STEPS:-580}"; batch=128; sweep="${SWEEP:-2,5}"
+else
+  script=train_sr_mnist.py; steps="${STEPS:-420}"; batch=32; sweep="${SWEEP:-3,4}"
+fi
+width=()
+if [ -n "${WIDTH:-}" ]; then width=(--set "unet.base_channels=$WIDTH"); fi
+mkdir -p "$OUT"
+python "$script" --config "configs/mnist_cpu/$STAGE.yaml" --output-dir "$OUT/run" --set "data.root=$DATA" \
+  --set "training.batch_size=$batch" --set "training.max_steps=$steps" --set "training.lr=$LR" \
+  --set "training.warmup_steps=${WARMUP:-100}" --set training.lr_schedule=constant --set training.ema_decay=0.9999 \
+  --set "training.checkpoint_every=$steps" --set "training.sample_every=$steps" "${width[@]}"
+python evaluate_imagen.py --mode "$STAGE" --checkpoints "$OUT/run" --data-root "$DATA" --num-images 200 --seed 0 \
+  --guidance-sweep "$sweep" --output-dir "$OUT/evaluation"
