@@ -8,7 +8,7 @@
 #   bash benchmarks/budget_lr_cpu.sh OUT base|sr LR [MNIST_ROOT]
 #
 # Settings: WARMUP (100), STEPS (base 580 at batch 128, sr 420 at batch 32: what 2.5 minutes
-# gave each stage on an H200), WIDTH (unet.base_channels; default the config's 32), SWEEP
+# give each stage on an H200, scaled from a 3-minute run's 717 and 519), WIDTH (unet.base_channels; default the config's 32), SWEEP
 # (guidance weights of the evaluated stage; default base 2,5 and sr 3,4). The learning rate is
 # held constant after the warmup, as the configs' 50,000-step cosine is over those few hundred
 # steps. OUT receives the run (OUT/run) and its evaluation (OUT/evaluation/report.json).
