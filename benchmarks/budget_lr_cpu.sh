@@ -8,8 +8,9 @@
 #   bash benchmarks/budget_lr_cpu.sh OUT base|sr LR [MNIST_ROOT]
 #
 # Settings: WARMUP (100), STEPS (base 580 at batch 128, sr 420 at batch 32: what 2.5 minutes
-# give each stage on an H200, scaled from a 3-minute run's 717 and 519), WIDTH (unet.base_channels; default the config's 32), SWEEP
-# (guidance weights of the evaluated stage; default base 2,5 and sr 3,4). The learning rate is
+# give each stage on an H200, scaled from a 3-minute run's 717 and 519), WIDTH (unet.base_channels;
+# default the config's 32), OBJECTIVE (diffusion.objective, eps or v; default the config's eps),
+# SWEEP (guidance weights of the evaluated stage; default base 2,5 and sr 3,4). The learning rate is
 # held constant after the warmup, as the configs' 50,000-step cosine is over those few hundred
 # steps. OUT receives the run (OUT/run) and its evaluation (OUT/evaluation/report.json).
 set -euo pipefail
@@ -30,10 +31,12 @@ else
 fi
 width=()
 if [ -n "${WIDTH:-}" ]; then width=(--set "unet.base_channels=$WIDTH"); fi
+objective=()
+if [ -n "${OBJECTIVE:-}" ]; then objective=(--set "diffusion.objective=$OBJECTIVE"); fi
 mkdir -p "$OUT"
 python "$script" --config "configs/mnist_cpu/$STAGE.yaml" --output-dir "$OUT/run" --set "data.root=$DATA" \
   --set "training.batch_size=$batch" --set "training.max_steps=$steps" --set "training.lr=$LR" \
   --set "training.warmup_steps=${WARMUP:-100}" --set training.lr_schedule=constant --set training.ema_decay=0.9999 \
-  --set "training.checkpoint_every=$steps" --set "training.sample_every=$steps" "${width[@]}"
+  --set "training.checkpoint_every=$steps" --set "training.sample_every=$steps" "${width[@]}" "${objective[@]}"
 python evaluate_imagen.py --mode "$STAGE" --checkpoints "$OUT/run" --data-root "$DATA" --num-images 200 --seed 0 \
   --guidance-sweep "$sweep" --output-dir "$OUT/evaluation"

@@ -68,6 +68,7 @@ def stage_report(run: Path, device: torch.device, seconds: float | None) -> dict
     return {
         "config": {"image_size": config.unet.image_size, "unet": config.unet.type,
                    "batch_size": training.batch_size, "lr": training.lr, "warmup_steps": training.warmup_steps,
+                   "objective": config.diffusion.objective,
                    "mixed_precision": precision, "compile": training.compile,
                    "channels_last": training.channels_last,
                    "max_minutes": training.max_minutes},
