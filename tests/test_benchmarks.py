@@ -119,8 +119,9 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
         assert stage["images_per_s"] > 0 and stage["flops_per_image"] > 0 and stage["peak_memory_mb"] > 0
         assert stage["achieved_tflops"] == pytest.approx(stage["flops_per_image"] * stage["images_per_s"] / 1e12)
         assert stage["mfu"] is None and stage["wall_seconds"] > 0  # a CPU has no peak in the table
-    assert report["stages"]["base"]["config"]["lr"] == 3e-4 and report["stages"]["sr"]["config"]["lr"] == 5e-4
-    assert report["stages"]["base"]["config"]["objective"] == "eps" and report["stages"]["sr"]["config"]["objective"] == "v"
+    base, sr = report["stages"]["base"]["config"], report["stages"]["sr"]["config"]
+    assert base["lr"] == 3e-4 and sr["lr"] == 5e-4
+    assert base["objective"] == "eps" and sr["objective"] == "v"  # the budget stage predicts v (SR_OBJECTIVE)
     evaluation = report["evaluation"]
     assert evaluation["guidance"] == [2.0, 1.0]  # the base config's weight; the budget stage's SR_GUIDANCE
     assert evaluation["num_images"] == 20 and evaluation["resolution"] == 32 and evaluation["seed"] == 0
