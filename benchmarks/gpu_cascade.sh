@@ -11,7 +11,7 @@
 # (written for 50,000-step runs), so the budget runs warm up in WARMUP_STEPS and train at
 # BASE_LR and SR_LR instead. On a CPU stand-in for the same step count (benchmarks/RESULTS.md,
 # "The learning rate of a budget run") the configs' schedule learnt no digit at all. The
-# super-resolution stage predicts v instead of the configs' eps (SR_OBJECTIVE): on its stand-in
+# super-resolution stage predicts v, as its config now does (SR_OBJECTIVE): on its stand-in
 # ("The objective of a budget super-resolution stage") eps left speckled grey backgrounds that
 # the classifier misread, and v took prompt accuracy from 0.6 to 0.97. That stage also samples
 # without guidance (SR_GUIDANCE 1, not the config's 4), better there too (0.965 against 0.92).
