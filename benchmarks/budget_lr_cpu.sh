@@ -3,7 +3,7 @@
 # configs/mnist_cpu stage for as many steps as the GPU budget gives its configs/mnist
 # counterpart, at a chosen learning rate and warmup, then score it with evaluate_imagen.py
 # (200 images, seed 0). The results are in benchmarks/RESULTS.md, "The learning rate of a
-# budget run".
+# budget run" and "The objective of a budget super-resolution stage".
 #
 #   bash benchmarks/budget_lr_cpu.sh OUT base|sr LR [MNIST_ROOT]
 #

@@ -4,8 +4,9 @@
 # evaluate them (prompt accuracy, classifier-FID against its real-vs-real floor). The time is
 # the two training budgets (setup included) plus what comes after each stage (the last step,
 # a checkpoint, a grid), the T5 check, the evaluation and the report: about 190 s more,
-# estimated from an H200 run that a time limit cut short (benchmarks/RESULTS.md). With the
-# default 2.5 + 2.5 minutes that makes about 8.2 minutes.
+# estimated from an H200 run that a time limit cut short (benchmarks/RESULTS.md), which
+# sampled its second stage at guidance 4; at SR_GUIDANCE 1 (one pass, not two) it is less.
+# With the default 2.5 + 2.5 minutes that makes at most about 8.2 minutes.
 #
 # A few minutes are a few hundred steps, less than the configs' 1000-step learning-rate warmup
 # (written for 50,000-step runs), so the budget runs warm up in WARMUP_STEPS and train at
@@ -13,7 +14,7 @@
 # "The learning rate of a budget run") the configs' schedule learnt no digit at all. The
 # super-resolution stage predicts v, as its config now does (SR_OBJECTIVE): on its stand-in
 # ("The objective of a budget super-resolution stage") eps left speckled grey backgrounds that
-# the classifier misread, and v took prompt accuracy from 0.6 to 0.97. That stage also samples
+# the classifier misread, and v took prompt accuracy from 0.56 to 0.965. That stage also samples
 # without guidance (SR_GUIDANCE 1, not the config's 4), better there too (0.965 against 0.92).
 #
 #   bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]

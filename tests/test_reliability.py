@@ -484,6 +484,15 @@ def test_a_checkpoint_refuses_a_text_encoder_other_than_its_own(tiny_stage, tmp_
         Trainer.from_config(tiny_stage(max_steps=3), tmp_path / "run", resume=True)
 
 
+def test_resuming_with_another_objective_is_refused(tiny_stage, tmp_path):
+    """An eps run resumed under a v config (configs/mnist/sr_256.yaml changed) must not mix the two."""
+    Trainer.from_config(tiny_stage(), tmp_path / "run").train()
+    config = tiny_stage(max_steps=3)
+    config.diffusion.objective = "v"
+    with pytest.raises(TrainingError, match=r"diffusion.objective \(eps -> v\)"):
+        Trainer.from_config(config, tmp_path / "run", resume=True)
+
+
 def test_sample_overwrite_replaces_every_earlier_result_and_prompt_files_read_as_typed(trained, tmp_path):
     out = tmp_path / "out"
     (tmp_path / "prompts.txt").write_bytes("\ufeffseven\n\n3\n   \n".encode("utf-8"))
