@@ -29,14 +29,13 @@ if [ "$STAGE" = base ]; then
 else
   script=train_sr_mnist.py; steps="${STEPS:-420}"; batch=32; sweep="${SWEEP:-3,4}"
 fi
-width=()
-if [ -n "${WIDTH:-}" ]; then width=(--set "unet.base_channels=$WIDTH"); fi
-objective=()
-if [ -n "${OBJECTIVE:-}" ]; then objective=(--set "diffusion.objective=$OBJECTIVE"); fi
+overrides=()
+if [ -n "${WIDTH:-}" ]; then overrides+=(--set "unet.base_channels=$WIDTH"); fi
+if [ -n "${OBJECTIVE:-}" ]; then overrides+=(--set "diffusion.objective=$OBJECTIVE"); fi
 mkdir -p "$OUT"
 python "$script" --config "configs/mnist_cpu/$STAGE.yaml" --output-dir "$OUT/run" --set "data.root=$DATA" \
   --set "training.batch_size=$batch" --set "training.max_steps=$steps" --set "training.lr=$LR" \
   --set "training.warmup_steps=${WARMUP:-100}" --set training.lr_schedule=constant --set training.ema_decay=0.9999 \
-  --set "training.checkpoint_every=$steps" --set "training.sample_every=$steps" "${width[@]}" "${objective[@]}"
+  --set "training.checkpoint_every=$steps" --set "training.sample_every=$steps" "${overrides[@]}"
 python evaluate_imagen.py --mode "$STAGE" --checkpoints "$OUT/run" --data-root "$DATA" --num-images 200 --seed 0 \
   --guidance-sweep "$sweep" --output-dir "$OUT/evaluation"

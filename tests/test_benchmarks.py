@@ -121,7 +121,7 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
         assert stage["mfu"] is None and stage["wall_seconds"] > 0  # a CPU has no peak in the table
     base, sr = report["stages"]["base"]["config"], report["stages"]["sr"]["config"]
     assert base["lr"] == 3e-4 and sr["lr"] == 5e-4
-    assert base["objective"] == "eps" and sr["objective"] == "v"  # the budget stage predicts v (SR_OBJECTIVE)
+    assert base["objective"] == "eps" and sr["objective"] == "v"  # sr_256.yaml predicts v
     evaluation = report["evaluation"]
     assert evaluation["guidance"] == [2.0, 1.0]  # the base config's weight; the budget stage's SR_GUIDANCE
     assert evaluation["num_images"] == 20 and evaluation["resolution"] == 32 and evaluation["seed"] == 0
