@@ -150,7 +150,10 @@ class MNISTTextDataset(Dataset):
 
     def get_batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) in [-1, 1] and prompt indices (B,) for ``indices``."""
-        indices = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if self.device.type == "cuda" and indices.device.type == "cpu":
+            indices = indices.pin_memory()  # copied from pinned memory, the host need not wait for the GPU
+        indices = indices.to(self.device, non_blocking=True)
         images = self.images[indices].float() / 127.5 - 1.0
         return images.expand(-1, self.channels, -1, -1), self.prompt_indices[indices]
 

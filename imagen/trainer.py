@@ -100,6 +100,16 @@ def build_optimizer(network: nn.Module, config: StageConfig, fused: bool = False
                      weight_decay=training.weight_decay, **({"fused": True} if fused else {}))
 
 
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded optimizer state tensor shaped like its parameter that parameter's strides.
+    Checkpoints store them contiguous, and CUDA's fused Adam refuses moments laid out otherwise
+    than their (channels_last) parameters."""
+    for parameter, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def lr_factor(step: int, config: StageConfig) -> float:
     """Linear warmup to the base learning rate, then cosine decay to zero (or constant)."""
     training = config.training
@@ -334,6 +344,7 @@ class Trainer:
             load_weights_strictly(self.ema.network, folder / "ema.safetensors")
             optimizer_tensors = load_tensors(folder / "optimizer.safetensors")
             self.optimizer.load_state_dict(unflatten_state(optimizer_tensors, state["optimizer"]))
+            match_parameter_layouts(self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             rng = load_tensors(folder / "rng.safetensors")
             torch.set_rng_state(rng["torch"])
@@ -435,7 +446,8 @@ class Trainer:
         # log line or checkpoint is due, so steps never wait for the accelerator.
         first = self.first_bad_loss[0] == 0
         bad = first & ~torch.isfinite(loss)
-        self.first_bad_loss = torch.where(bad, torch.stack([torch.tensor(self.step + 1.0, device=loss.device),
+        # torch.full, not torch.tensor: a copy from the host would make the host wait for the GPU.
+        self.first_bad_loss = torch.where(bad, torch.stack([torch.full((), self.step + 1.0, device=loss.device),
                                                             loss.detach()]), self.first_bad_loss)
         self.accelerator.backward(loss)
         return losses

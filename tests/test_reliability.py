@@ -292,6 +292,22 @@ def test_resuming_halfway_gives_bit_identical_weights(tiny_stage, tmp_path):
     assert torch.equal(straight.data_generator.get_state(), resumed.data_generator.get_state())
 
 
+def test_a_resumed_channels_last_run_keeps_its_optimizer_moments_in_the_parameters_layout(tiny_stage, tmp_path):
+    """CUDA's fused Adam refuses moments whose strides differ from their parameters' ("must have
+    same dtype, device, and layout"), a check the CPU's optimizer does not make. Checkpoints
+    store the moments contiguous, so loading must give them back the channels_last layout."""
+    Trainer.from_config(tiny_stage(channels_last=True), tmp_path / "run").train()
+    resumed = Trainer.from_config(tiny_stage(channels_last=True, max_steps=3), tmp_path / "run", resume=True)
+    parameters = resumed.optimizer.param_groups[0]["params"]
+    assert any(not p.is_contiguous() for p in parameters)  # channels_last convolution weights
+    for parameter in parameters:
+        for name, moment in resumed.optimizer.state[parameter].items():
+            if moment.shape == parameter.shape:
+                assert moment.stride() == parameter.stride(), (name, parameter.shape)
+    resumed.train()
+    assert resumed.step == 3
+
+
 @pytest.mark.slow
 def test_killed_runs_always_leave_a_loadable_checkpoint_and_resume(mnist_root, tmp_path):
     run_dir = tmp_path / "run"
