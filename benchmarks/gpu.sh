@@ -7,16 +7,26 @@
 #   bash benchmarks/gpu.sh ../shared/data > gpu.jsonl
 #   VARIANTS="eager channels_last" bash benchmarks/gpu.sh ../shared/data   # a subset
 #   STEPS=2 WARMUP=1 BATCH=2 bash benchmarks/gpu.sh ../shared/data         # a quick smoke run
+#   STAGES=base TIMEOUT=240 bash benchmarks/gpu.sh .mnist > $OUT/gpu.jsonl  # on a lent GPU
 #
 # VARIANTS (default "eager compile channels_last compile+channels_last"): eager is the configs
-# as they are; compile sets training.compile; channels_last sets training.channels_last. A
-# variant that fails stops the sweep (set -e), so that no failure passes for a number.
+# as they are; compile sets training.compile; channels_last sets training.channels_last.
+# STAGES (default "base sr_256"): the configs/mnist stages, measured in this order.
+# TIMEOUT (seconds a measurement may take, default 0: no limit).
+# Each measurement prints its line as it ends: bench_train.py's JSON with the stage, the variant
+# and wall_s (its whole time, compiling included), or {"stage", "variant", "error"} when it
+# failed, ran out of TIMEOUT, or torch.compile cannot build kernels here (a probe of a few
+# seconds checks that first). A failure does not stop the sweep, so that the other numbers
+# still come, but the script then exits 1: no failure passes for a number.
 set -euo pipefail
 DATA="${1:-../shared/data}"
 STEPS="${STEPS:-50}"
 WARMUP="${WARMUP:-10}"
+TIMEOUT="${TIMEOUT:-0}"
 KNOWN="eager compile channels_last compile+channels_last"
+KNOWN_STAGES="base sr_256"
 read -r -a variants <<< "${VARIANTS:-$KNOWN}"
+read -r -a stages <<< "${STAGES:-$KNOWN_STAGES}"
 extra=()
 if [ -n "${BATCH:-}" ]; then extra=(--set "training.batch_size=$BATCH"); fi
 
@@ -39,12 +49,60 @@ for variant in "${variants[@]}"; do  # every name checked before anything runs
     exit 2
   fi
 done
+if [ ${#stages[@]} -eq 0 ]; then echo "error: STAGES is empty; name one or both of: $KNOWN_STAGES." >&2; exit 2; fi
+for stage in "${stages[@]}"; do
+  if [[ " $KNOWN_STAGES " != *" $stage "* ]]; then
+    echo "error: STAGES: unknown stage '$stage'; expected one of: $KNOWN_STAGES (configs/mnist)." >&2
+    exit 2
+  fi
+done
+if ! [[ $TIMEOUT =~ ^[0-9]+$ ]]; then
+  echo "error: TIMEOUT '$TIMEOUT': expected whole seconds (0: no limit)." >&2
+  exit 2
+fi
 
-for stage in base sr_256; do
+seconds_since() { awk -v start="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - start }'; }
+line() {  # line STAGE VARIANT WALL_S ERROR: one JSON line; bench_train.py's JSON on stdin when ERROR is empty
+  python -c 'import json, sys
+stage, variant, wall, error = sys.argv[1:]
+fields = {"error": error} if error else {**json.load(sys.stdin), "wall_s": float(wall)}
+print(json.dumps({"stage": stage, "variant": variant, **fields}), flush=True)' "$@"
+}
+
+compile_problem=""
+if [[ " ${variants[*]} " == *" compile"* ]]; then  # Inductor needs a working compiler toolchain for the device
+  if ! probe=$(python -c 'import torch
+device = "cuda" if torch.cuda.is_available() else "cpu"
+try:
+    torch.compile(lambda x: x.sin() + 1)(torch.ones(8, device=device))
+except Exception as error:  # its first line names the cause (no compiler, no Python headers, ...)
+    raise SystemExit(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}")' 2>&1); then
+    compile_problem="torch.compile cannot build kernels on this machine ($(printf '%s' "$probe" | tail -n 1))"
+    echo "error: $compile_problem. The compiled variants are skipped." >&2
+  fi
+fi
+
+failed=0
+for stage in "${stages[@]}"; do
   for variant in "${variants[@]}"; do
     settings_of "$variant"
-    python benchmarks/bench_train.py --config "configs/mnist/$stage.yaml" --set text_encoder.name=tiny \
-      --set "data.root=$DATA" "${settings[@]}" --steps "$STEPS" --warmup "$WARMUP" "${extra[@]}" \
-      | python -c "import json, sys; print(json.dumps({'variant': sys.argv[1], **json.load(sys.stdin)}))" "$variant"
+    if [[ $variant == compile* && -n $compile_problem ]]; then
+      line "$stage" "$variant" 0 "$compile_problem" < /dev/null
+      failed=1
+      continue
+    fi
+    start=$(date +%s.%N)
+    if result=$(timeout "$TIMEOUT" python benchmarks/bench_train.py --config "configs/mnist/$stage.yaml" \
+        --set text_encoder.name=tiny --set "data.root=$DATA" "${settings[@]}" --steps "$STEPS" --warmup "$WARMUP" \
+        "${extra[@]}"); then
+      line "$stage" "$variant" "$(seconds_since "$start")" "" <<< "$result"
+    else
+      status=$?
+      reason="bench_train.py exited with status $status after $(seconds_since "$start") s"
+      if [ "$status" -eq 124 ]; then reason="ran out of TIMEOUT=$TIMEOUT s"; fi
+      line "$stage" "$variant" 0 "$reason" < /dev/null
+      failed=1
+    fi
   done
 done
+exit "$failed"

@@ -182,6 +182,30 @@ def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything
     empty = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
                            text=True, timeout=60, env={**os.environ, "VARIANTS": " "})
     assert empty.returncode == 2 and "VARIANTS is empty" in empty.stderr
+    for setting, message in (({"STAGES": "sr"}, "STAGES: unknown stage 'sr'"), ({"TIMEOUT": "1m"}, "TIMEOUT '1m'")):
+        refused = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                                 text=True, timeout=60, env={**os.environ, **setting})
+        assert refused.returncode == 2 and message in refused.stderr and refused.stdout == ""
+
+
+def test_the_gpu_speed_script_reports_each_measurement_as_it_ends_and_goes_on_past_failures(mnist_root):
+    """A lent GPU's call can be cut off or lack a compiler: each variant's line must come as it
+    ends, and a failing one must not cost the others their numbers (nor pass for a number)."""
+    env = {**os.environ, "STAGES": "base", "VARIANTS": "eager compile", "STEPS": "1", "WARMUP": "1", "BATCH": "2",
+           "CXX": "/bin/false"}  # Inductor's CPU compiler: the probe finds none, as on a GPU machine without one
+    result = subprocess.run(["bash", "benchmarks/gpu.sh", str(mnist_root)], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 1
+    eager, compiled = (json.loads(line) for line in result.stdout.splitlines())
+    assert eager["stage"] == "base" and eager["variant"] == "eager" and eager["image_size"] == 64
+    assert eager["steps"] == 1 and eager["batch_size"] == 2 and eager["wall_s"] > 0 and eager["images_per_s"] > 0
+    assert compiled == {"stage": "base", "variant": "compile", "error": compiled["error"]}
+    assert compiled["error"].startswith("torch.compile cannot build kernels on this machine (")
+    assert "InvalidCxxCompiler" in compiled["error"] and "compiled variants are skipped" in result.stderr
+    cut = subprocess.run(["bash", "benchmarks/gpu.sh", str(mnist_root)], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120, env={**env, "VARIANTS": "eager", "TIMEOUT": "1"})
+    assert cut.returncode == 1
+    assert json.loads(cut.stdout) == {"stage": "base", "variant": "eager", "error": "ran out of TIMEOUT=1 s"}
 
 
 def test_the_budget_stand_in_script_refuses_a_bad_stage_or_an_existing_folder(tmp_path):
