@@ -28,7 +28,7 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 source benchmarks/tiny_stages.sh
 
-seconds_since() { awk -v start="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - start }'; }
+source benchmarks/seconds_since.sh
 log() { echo "$1" | tee -a "$OUT/log.txt"; }
 check() {  # check NAME COMMAND...: run one path and log its time, or its failure
   local name=$1 start status

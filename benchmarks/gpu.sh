@@ -61,7 +61,7 @@ if ! [[ $TIMEOUT =~ ^[0-9]+$ ]]; then
   exit 2
 fi
 
-seconds_since() { awk -v start="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - start }'; }
+source "$(dirname "$0")/seconds_since.sh"
 line() {  # line STAGE VARIANT WALL_S ERROR: one JSON line; bench_train.py's JSON on stdin when ERROR is empty
   python -c 'import json, sys
 stage, variant, wall, error = sys.argv[1:]

@@ -68,7 +68,7 @@ if [ -n "${SMOKE:-}" ]; then  # the same commands at sizes a CPU runs in a minut
   NUM_IMAGES=20
 fi
 
-seconds_since() { awk -v start="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - start }'; }
+source benchmarks/seconds_since.sh
 
 phase() {  # phase <name> <command...>: run it and record its wall time, in the log too
   local name=$1 start seconds
