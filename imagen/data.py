@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from imagen import scenes
 from imagen.captions import digit_prompts
 from imagen.errors import ImagenError
+from imagen.io import to_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -150,10 +151,7 @@ class MNISTTextDataset(Dataset):
 
     def get_batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) in [-1, 1] and prompt indices (B,) for ``indices``."""
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        if self.device.type == "cuda" and indices.device.type == "cpu":
-            indices = indices.pin_memory()  # copied from pinned memory, the host need not wait for the GPU
-        indices = indices.to(self.device, non_blocking=True)
+        indices = to_device(torch.as_tensor(indices, dtype=torch.long), self.device)
         images = self.images[indices].float() / 127.5 - 1.0
         return images.expand(-1, self.channels, -1, -1), self.prompt_indices[indices]
 
@@ -289,8 +287,8 @@ class MNISTScenesDataset(Dataset):
         """Canvases (B, C, H, W) in [-1, 1] on the dataset's device for layouts (B, 4): each
         digit a random image of it from the split, each empty cell black."""
         offsets = (torch.rand(layouts.shape, generator=generator) * self.counts[layouts.clamp(min=0)]).long()
-        picked = (self.first[layouts.clamp(min=0)] + offsets).to(self.device)
-        cells = self.cells[picked] * (layouts >= 0).to(self.device)[..., None, None, None]
+        picked = to_device(self.first[layouts.clamp(min=0)] + offsets, self.device)
+        cells = self.cells[picked] * to_device(layouts >= 0, self.device)[..., None, None, None]
         canvases = rearrange(cells, "b (rows columns) c h w -> b c (rows h) (columns w)", rows=2)
         return (canvases.float() / 127.5 - 1.0).expand(-1, self.channels, -1, -1)
 
@@ -298,7 +296,7 @@ class MNISTScenesDataset(Dataset):
         """A training batch: canvases (B, C, H, W) and caption indices (B,), on the device."""
         specs = scenes.draw_specs(batch_size, generator)
         images = self.compose(scenes.draw_layouts(specs, generator), generator)
-        return images, scenes.caption_index(specs).to(self.device)
+        return images, to_device(scenes.caption_index(specs), self.device)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         """A canvas and its caption drawn as training draws them, from a generator seeded with

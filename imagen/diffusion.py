@@ -60,6 +60,7 @@ class GaussianDiffusion:
         self.objective = objective
         self.timestep_map = timestep_map
         self.num_timesteps = num_timesteps
+        self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
@@ -114,42 +115,59 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Original timesteps (B,) long, on t's device, for step indices t (B,)."""
-        return self.timestep_map.to(t.device)[t]
+        return self.table("timestep_map", t.device)[t]
+
+    def table(self, name: str, device: torch.device) -> torch.Tensor:
+        """The per-step table ``name`` (float64 or long (N,)) on ``device``, copied there once.
+
+        The tables live on the CPU, where the samplers read scalars from them. A copy from the
+        host at every use would make the host wait for the GPU several times a step, and
+        indexing on the CPU instead would need t there, which waits too.
+        """
+        key = (name, torch.device(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = getattr(self, name).to(device)
+        return self._device_tables[key]
+
+    def _gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Table ``name`` at step indices t (B,) as (B, 1, ..., 1) in like's dtype and device,
+        to broadcast over like."""
+        return append_dims(self.table(name, t.device)[t].to(device=like.device, dtype=like.dtype), like.ndim)
 
     # -- forward process and posterior ------------------------------------------------
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x0) using the given standard normal ``noise``; (B, ...)."""
-        return (_gather(self.sqrt_alphas_cumprod, t, x0) * x0
-                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        return (self._gather("sqrt_alphas_cumprod", t, x0) * x0
+                + self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
 
     def q_posterior_mean_variance(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean (B, ...) and variance (B, 1, ..., 1) of q(x_{t-1} | x_t, x0)."""
-        mean = (_gather(self.posterior_mean_coef_x0, t, x_t) * x0
-                + _gather(self.posterior_mean_coef_xt, t, x_t) * x_t)
-        return mean, _gather(self.posterior_variance, t, x_t)
+        mean = (self._gather("posterior_mean_coef_x0", t, x_t) * x0
+                + self._gather("posterior_mean_coef_xt", t, x_t) * x_t)
+        return mean, self._gather("posterior_variance", t, x_t)
 
     # -- conversions between eps, x0 and v --------------------------------------------
 
     def x0_from_output(self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """x0 implied by the network output (eps or v, per ``objective``) at x_t; (B, ...)."""
-        sqrt_ab = _gather(self.sqrt_alphas_cumprod, t, x_t)
-        sqrt_one_minus_ab = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        sqrt_ab = self._gather("sqrt_alphas_cumprod", t, x_t)
+        sqrt_one_minus_ab = self._gather("sqrt_one_minus_alphas_cumprod", t, x_t)
         if self.objective == "eps":
             return (x_t - sqrt_one_minus_ab * model_output) / sqrt_ab
         return sqrt_ab * x_t - sqrt_one_minus_ab * model_output
 
     def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """The noise that takes x0 to x_t at step t; (B, ...)."""
-        return ((x_t - _gather(self.sqrt_alphas_cumprod, t, x_t) * x0)
-                / _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t))
+        return ((x_t - self._gather("sqrt_alphas_cumprod", t, x_t) * x0)
+                / self._gather("sqrt_one_minus_alphas_cumprod", t, x_t))
 
     def v_from_eps(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 for data x0 noised by eps at step t; (B, ...)."""
-        return (_gather(self.sqrt_alphas_cumprod, t, x0) * eps
-                - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+        return (self._gather("sqrt_alphas_cumprod", t, x0) * eps
+                - self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
 
     # -- training ----------------------------------------------------------------------
 
@@ -202,10 +220,10 @@ class GaussianDiffusion:
         return {"loss": loss, "mse": mse, "t": t, "noise_quartile": t * 4 // self.num_timesteps}
 
     def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-gamma loss weight at step indices t (B,): float64 (B,), on the CPU."""
+        """Min-SNR-gamma loss weight at step indices t (B,): float64 (B,), on t's device."""
         if gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
-        snr = self.snr.to(t.device)[t]
+        snr = self.table("snr", t.device)[t]
         clipped = snr.clamp(max=gamma)
         return clipped / snr if self.objective == "eps" else clipped / (snr + 1)
 
@@ -213,13 +231,6 @@ class GaussianDiffusion:
 def append_dims(values: torch.Tensor, ndim: int) -> torch.Tensor:
     """Per-sample values (B,) as (B, 1, ..., 1) with ``ndim`` dimensions, to broadcast over a batch."""
     return values.reshape(-1, *([1] * (ndim - 1)))
-
-
-def _gather(coefficients: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """coefficients[t] as (B, 1, ..., 1) in like's dtype and device, to broadcast over like."""
-    # Index on t's device: moving t to the CPU instead would synchronise with the GPU every step.
-    values = coefficients.to(device=t.device, dtype=like.dtype)[t].to(like.device)
-    return append_dims(values, like.ndim)
 
 
 def threshold_x0(

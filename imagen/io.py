@@ -58,6 +58,20 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.cpu()
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without the host waiting for the accelerator: the per-step way
+    in, as :func:`to_host` is the way out.
+
+    A plain copy from the host to a GPU waits for every kernel already queued, which stalls
+    the training loop once a step; a copy from pinned memory is queued like a kernel. A copy
+    pinned here is private to this call, and a batch a DataLoader pinned is never written
+    again, so nothing changes the memory before the GPU has read it.
+    """
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:
     """A random generator on ``device`` seeded with ``seed``.
 

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, Sampler
 
 from imagen.captions import normalize_prompt
 from imagen.data import DataError, to_model_images
-from imagen.io import atomic_write, to_host
+from imagen.io import atomic_write, to_device, to_host
 from imagen.text import EncodedText
 
 FORMAT = "imagen-shards-v1"
@@ -252,8 +252,9 @@ class ShardDataset(Dataset):
 
 
 def text_of(embeddings: torch.Tensor, lengths: torch.Tensor) -> EncodedText:
-    """Stored embeddings (B, L, D) float16 and token counts (B,) -> float32 text with its mask."""
-    mask = torch.arange(embeddings.shape[1]) < lengths[:, None]
+    """Stored embeddings (B, L, D) float16 and token counts (B,) -> float32 text with its mask,
+    on the embeddings' device."""
+    mask = torch.arange(embeddings.shape[1], device=embeddings.device) < lengths[:, None]
     return EncodedText(embeddings.float(), mask)
 
 
@@ -314,8 +315,9 @@ class ShardBatches:
             self._batches = self._loader(batch_size)
         images, embeddings, lengths = next(self._batches)
         self.start += len(images)
-        images = images.to(self.device, non_blocking=True).float() / 127.5 - 1.0
-        return images.expand(-1, self.channels, -1, -1), text_of(embeddings, lengths).to(self.device)
+        images = to_device(images, self.device).float() / 127.5 - 1.0
+        text = text_of(to_device(embeddings, self.device), to_device(lengths, self.device))
+        return images.expand(-1, self.channels, -1, -1), text
 
     def examples(self, count: int = 10) -> tuple[list[str], EncodedText, torch.Tensor]:
         """The first ``count`` items: captions, their text and images (for sample grids)."""

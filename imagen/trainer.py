@@ -39,7 +39,7 @@ from imagen.checkpoint import (
 from imagen.config import ConfigError, StageConfig, config_to_dict, config_to_yaml, load_stage_config, save_config
 from imagen.data import MNISTScenesDataset, MNISTTextDataset, build_dataset
 from imagen.errors import ImagenError
-from imagen.io import resolve_device, resolve_mixed_precision, save_png, seeded_generator, to_host
+from imagen.io import resolve_device, resolve_mixed_precision, save_png, seeded_generator, to_device, to_host
 from imagen.run_folder import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -433,8 +433,9 @@ class Trainer:
             self.epoch = epoch
         images, text = self.dataset.sample_batch(training.batch_size, self.data_generator)
         # Text comes as rows of the table (prompt indices) or, from shards, with the batch.
-        text = self.text_table.rows(text.to(self.device)) if self.text_table is not None else text.to(self.device)
-        return images.to(self.device).contiguous(memory_format=self.memory_format), text
+        # Datasets on the device (MNIST, scenes, shards) hand over device tensors; a caption folder's are copied here.
+        text = self.text_table.rows(to_device(text, self.device)) if self.text_table is not None else text
+        return to_device(images, self.device).contiguous(memory_format=self.memory_format), text
 
     def _micro_step(self) -> dict[str, torch.Tensor]:
         images, text = self.next_batch()

@@ -31,6 +31,45 @@ def python(*args, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+class HostWaits:
+    """Within ``with HostWaits() as waits:``, ``waits.copies`` lists (operation, shape) of every
+    copy from the host to another device that the host has to wait for.
+
+    On a GPU such a copy (``.to(device)`` of an ordinary CPU tensor) first waits for every
+    kernel already queued, so a training loop that makes one per step can never run ahead of
+    the GPU. The meta device stands in for the GPU; asynchronous copies (``non_blocking``,
+    from pinned memory on CUDA: ``imagen.io.to_device``) are not counted.
+    """
+
+    def __enter__(self) -> "HostWaits":
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        copies = self.copies = []
+        aten = torch.ops.aten
+
+        class Recorder(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                result = func(*args, **kwargs)
+                if func is aten._to_copy.default:
+                    source, asynchronous = args[0], kwargs.get("non_blocking", False)
+                elif func is aten.copy_.default:
+                    source, asynchronous = args[1], args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+                else:
+                    return result
+                if source.device.type == "cpu" and result.device.type != "cpu" and not asynchronous:
+                    copies.append((str(func), tuple(source.shape)))
+                return result
+
+        self.recorder = Recorder()
+        self.recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.recorder.__exit__(*exc)
+
+
 @pytest.fixture
 def tiny_stage(mnist_root):
     """Makes stage configs small enough to train a step in a fraction of a second on MNIST:

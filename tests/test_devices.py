@@ -20,11 +20,14 @@ from PIL import Image
 from imagen.cascade import Cascade
 from imagen.checkpoint import latest_checkpoint
 from imagen.config import config_to_dict, stage_config_from_dict
+from imagen.data import MNISTScenesDataset
 from imagen.evaluation import Evaluator
 from imagen.io import save_png, seeded_generator, to_host
 from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.text import EncodedText
 from imagen.trainer import Trainer
+
+from conftest import HostWaits
 
 META = torch.device("meta")
 # Loading real weights into meta parameters is a (warned) no-op: values are not what these tests check.
@@ -57,6 +60,72 @@ def test_a_stage_trains_writes_grids_and_resumes_on_another_device(tiny_stage, t
     assert resumed.step == 2
     resumed.train()
     assert latest_checkpoint(run_dir).name == "step_00000003"
+
+
+def _variant(tiny_stage, variant: str, tmp_path):
+    """A tiny stage config of one kind of training run."""
+    config = config_to_dict(tiny_stage(variant == "sr", max_steps=10, log_every=100, checkpoint_every=100))
+    if variant == "v_min_snr":
+        config["diffusion"].update(objective="v", min_snr_gamma=5.0)
+    elif variant == "edm":
+        config["diffusion"]["formulation"] = "edm"
+        config["sampling"]["sampler"] = "heun"
+    elif variant == "caption_folder":
+        folder = tmp_path / "captioned"
+        folder.mkdir()
+        for index in range(4):
+            Image.new("L", (20, 20), 60 * index).save(folder / f"{index}.png")
+            (folder / f"{index}.txt").write_text(f"grey {index}")
+        config["data"].update(dataset="caption_folder", root=str(folder))
+    return stage_config_from_dict(config)
+
+
+@pytest.mark.parametrize("variant", ["base", "sr", "v_min_snr", "edm", "caption_folder"])
+def test_a_training_step_never_makes_the_host_wait_for_the_device(tiny_stage, tmp_path, variant):
+    """After the first step (which copies the diffusion's per-step tables to the device once),
+    a step copies nothing from the host that the host must wait for, so the training loop
+    queues work ahead of a GPU. Each step used to make three such copies (five for
+    super-resolution): the diffusion's coefficient tables, moved to the device at every use."""
+    trainer = Trainer.from_config(_variant(tiny_stage, variant, tmp_path), tmp_path / "run", device=META)
+    trainer.train_step()
+    with HostWaits() as waits:
+        trainer.train_step()
+        trainer.train_step()
+    assert waits.copies == []
+    assert trainer.step == 3
+
+
+def test_a_scene_batch_never_makes_the_host_wait_for_the_device(mnist_root):
+    """Scene batches draw their captions and layouts on the host and compose the canvases on
+    the device; the few integers cross without a wait."""
+    canvases = MNISTScenesDataset(mnist_root, 16, split="test", device=META)
+    with HostWaits() as waits:
+        images, captions = canvases.sample_batch(8, torch.Generator().manual_seed(0))
+    assert waits.copies == []
+    assert images.is_meta and images.shape == (8, 1, 16, 16) and captions.is_meta and captions.shape == (8,)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m_sde", "heun_stochastic"])
+@pytest.mark.parametrize("super_resolution", [False, True], ids=["base", "sr"])
+def test_sampling_makes_the_host_wait_only_before_its_first_step(tiny_stage, sampler, super_resolution):
+    """The copies sampling makes from the host (the prompts, the low-res input, the diffusion's
+    tables) happen once per call: as many for 6 steps as for 2, none per step."""
+    raw = config_to_dict(tiny_stage(super_resolution))
+    if sampler == "heun_stochastic":
+        raw["diffusion"]["formulation"] = "edm"
+        raw["sampling"]["sampler"] = sampler
+    config = stage_config_from_dict(raw)
+    network = build_network(config, 32).to(META).eval()
+    text = EncodedText(torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.bool))
+    low_res = torch.zeros(2, 1, 8, 8) if super_resolution else None
+    counts = []
+    for steps in (2, 6):
+        with HostWaits() as waits:
+            images = sample_stage(network, build_diffusion(config), config, text, guidance=3.0, sampler=sampler,
+                                  steps=steps, generator=seeded_generator(META, 0), low_res=low_res)
+        assert images.is_meta and images.shape == (2, 1, 16, 16)
+        counts.append(len(waits.copies))
+    assert 0 < counts[0] == counts[1]
 
 
 @pytest.mark.parametrize("mode", ["cascade", "sr"])

@@ -21,8 +21,9 @@ from imagen.config import TextEncoderConfig, load_stage_config
 from imagen.data import DataError, read_image
 from imagen.shards import EpochSampler, ShardDataset, read_index, resize_item
 from imagen.text import TextEmbeddingCache
+from imagen.trainer import Trainer
 
-from conftest import REPO_ROOT, python
+from conftest import REPO_ROOT, HostWaits, python
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 COUNT = 200
@@ -209,6 +210,19 @@ def test_your_own_images_start_the_cascade_at_super_resolution(sources, shard_ru
     mismatch = python("sample_imagen.py", "--checkpoint", str(shard_runs / "sr"), "--low-res", str(own), "--prompts",
                       "a", "b", "--output-dir", str(tmp_path / "bad"))
     assert mismatch.returncode == 2 and "3 images but 2 prompts" in mismatch.stderr
+
+
+def test_a_training_step_from_shards_never_makes_the_host_wait_for_the_device(sources, shards, tmp_path):
+    """The batch's images, embeddings and token counts reach the device without a wait (the
+    meta device stands in for a GPU), and the text mask is built there."""
+    config = load_stage_config(sources["sr"], ["data.workers=0"])
+    trainer = Trainer.from_config(config, tmp_path / "run", device=torch.device("meta"))
+    trainer.train_step()
+    with HostWaits() as waits:
+        images, text = trainer.next_batch()
+        trainer.train_step()
+    assert waits.copies == []
+    assert images.is_meta and text.embeddings.is_meta and text.mask.is_meta and text.embeddings.dtype == torch.float32
 
 
 def test_processes_see_disjoint_shares_and_resume_continues_the_order():
