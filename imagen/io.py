@@ -69,7 +69,9 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """
     if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+    # Only CUDA (and meta, its stand-in in the tests) copies without blocking: an MPS copy so made
+    # from pageable memory can read it after it is freed and corrupt the batch (pytorch#189690).
+    return tensor.to(device, non_blocking=device.type in ("cuda", "meta"))
 
 
 def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:

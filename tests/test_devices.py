@@ -22,7 +22,7 @@ from imagen.checkpoint import latest_checkpoint
 from imagen.config import config_to_dict, stage_config_from_dict
 from imagen.data import MNISTScenesDataset
 from imagen.evaluation import Evaluator
-from imagen.io import save_png, seeded_generator, to_host
+from imagen.io import save_png, seeded_generator, to_device, to_host
 from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.text import EncodedText
 from imagen.trainer import Trainer
@@ -156,6 +156,32 @@ def test_host_copies_and_generators_of_the_stand_in_device():
     a, b = seeded_generator("cpu", 5), seeded_generator(META, 5)
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
     assert torch.rand(4, generator=seeded_generator(META, 5), device=META).is_meta
+
+
+@pytest.mark.parametrize("device, pinned, asynchronous", [("cuda:0", True, True), ("mps", False, False),
+                                                           ("meta", False, True), ("cpu", False, False)])
+def test_only_cuda_copies_in_asynchronously_and_from_pinned_memory(device, pinned, asynchronous):
+    """A host tensor reaches a GPU from pinned memory without blocking; elsewhere (MPS corrupts
+    such copies, pytorch#189690) it is an ordinary copy. Recorded on a stand-in tensor, as this
+    machine has neither device."""
+    calls = []
+
+    class HostTensor:
+        device = torch.device("cpu")
+
+        def is_pinned(self):
+            return False
+
+        def pin_memory(self):
+            calls.append("pin_memory")
+            return self
+
+        def to(self, target, non_blocking=False):
+            calls.append(("to", target, non_blocking))
+            return self
+
+    to_device(HostTensor(), torch.device(device))
+    assert calls == ["pin_memory"] * pinned + [("to", torch.device(device), asynchronous)]
 
 
 def test_sampling_in_bf16_runs_the_network_in_bf16_and_the_sampler_in_float32(tiny_stage):
