@@ -144,7 +144,7 @@ class MNISTTextDataset(Dataset):
             prompt_indices = self.labels + 10 * as_numeral.long()
         else:
             prompt_indices = self.labels.clone()
-        self.prompt_indices = prompt_indices.to(self.device)
+        self.prompt_indices = to_device(prompt_indices, self.device)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -60,7 +60,7 @@ class GaussianDiffusion:
         self.objective = objective
         self.timestep_map = timestep_map
         self.num_timesteps = num_timesteps
-        self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._device_tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
@@ -117,22 +117,25 @@ class GaussianDiffusion:
         """Original timesteps (B,) long, on t's device, for step indices t (B,)."""
         return self.table("timestep_map", t.device)[t]
 
-    def table(self, name: str, device: torch.device) -> torch.Tensor:
-        """The per-step table ``name`` (float64 or long (N,)) on ``device``, copied there once.
+    def table(self, name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The per-step table ``name`` (N,) in ``dtype`` (default its own: float64, or long for
+        ``timestep_map``) on ``device``, made once per device and dtype.
 
         The tables live on the CPU, where the samplers read scalars from them. A copy from the
         host at every use would make the host wait for the GPU several times a step, and
         indexing on the CPU instead would need t there, which waits too.
         """
-        key = (name, torch.device(device))
+        source = getattr(self, name)
+        dtype = dtype or source.dtype
+        key = (name, torch.device(device), dtype)
         if key not in self._device_tables:
-            self._device_tables[key] = getattr(self, name).to(device)
+            self._device_tables[key] = source.to(dtype).to(device)  # cast on the host: MPS has no float64
         return self._device_tables[key]
 
     def _gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Table ``name`` at step indices t (B,) as (B, 1, ..., 1) in like's dtype and device,
         to broadcast over like."""
-        return append_dims(self.table(name, t.device)[t].to(device=like.device, dtype=like.dtype), like.ndim)
+        return append_dims(self.table(name, t.device, like.dtype)[t].to(like.device), like.ndim)
 
     # -- forward process and posterior ------------------------------------------------
 
@@ -216,14 +219,14 @@ class GaussianDiffusion:
         mse = (output - target).pow(2).flatten(1).mean(dim=1)
         loss = mse
         if min_snr_gamma is not None:
-            loss = mse * self.min_snr_weight(t, min_snr_gamma).to(mse.dtype).to(mse.device)
+            loss = mse * self.min_snr_weight(t, min_snr_gamma, mse.dtype).to(mse.device)
         return {"loss": loss, "mse": mse, "t": t, "noise_quartile": t * 4 // self.num_timesteps}
 
-    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-gamma loss weight at step indices t (B,): float64 (B,), on t's device."""
+    def min_snr_weight(self, t: torch.Tensor, gamma: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Min-SNR-gamma loss weight at step indices t (B,): (B,) in ``dtype``, on t's device."""
         if gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
-        snr = self.table("snr", t.device)[t]
+        snr = self.table("snr", t.device, dtype)[t]
         clipped = snr.clamp(max=gamma)
         return clipped / snr if self.objective == "eps" else clipped / (snr + 1)
 

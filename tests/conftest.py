@@ -32,8 +32,8 @@ def python(*args, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
 
 
 class HostWaits:
-    """Within ``with HostWaits() as waits:``, ``waits.copies`` lists (operation, shape) of every
-    copy from the host to another device that the host has to wait for.
+    """Within ``with HostWaits() as waits:``, ``waits.copies`` lists (operation, shape, dtype) of
+    every copy from the host to another device that the host has to wait for.
 
     On a GPU such a copy (``.to(device)`` of an ordinary CPU tensor) first waits for every
     kernel already queued, so a training loop that makes one per step can never run ahead of
@@ -59,7 +59,7 @@ class HostWaits:
                 else:
                     return result
                 if source.device.type == "cpu" and result.device.type != "cpu" and not asynchronous:
-                    copies.append((str(func), tuple(source.shape)))
+                    copies.append((str(func), tuple(source.shape), source.dtype))
                 return result
 
         self.recorder = Recorder()

@@ -21,6 +21,7 @@ from imagen.cascade import Cascade
 from imagen.checkpoint import latest_checkpoint
 from imagen.config import config_to_dict, stage_config_from_dict
 from imagen.data import MNISTScenesDataset
+from imagen.diffusion import GaussianDiffusion
 from imagen.evaluation import Evaluator
 from imagen.io import save_png, seeded_generator, to_device, to_host
 from imagen.stage import build_diffusion, build_network, sample_stage
@@ -118,6 +119,10 @@ def test_sampling_makes_the_host_wait_only_before_its_first_step(tiny_stage, sam
     network = build_network(config, 32).to(META).eval()
     text = EncodedText(torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.bool))
     low_res = torch.zeros(2, 1, 8, 8) if super_resolution else None
+    # The diffusion processes are shared (cached by their settings): a first call puts the tables
+    # that other tests may already have put on the device there.
+    sample_stage(network, build_diffusion(config), config, text, steps=2, sampler=sampler,
+                 generator=seeded_generator(META, 0), low_res=low_res)
     counts = []
     for steps in (2, 6):
         with HostWaits() as waits:
@@ -156,6 +161,22 @@ def test_host_copies_and_generators_of_the_stand_in_device():
     a, b = seeded_generator("cpu", 5), seeded_generator(META, 5)
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
     assert torch.rand(4, generator=seeded_generator(META, 5), device=META).is_meta
+
+
+def test_a_diffusion_table_reaches_a_device_once_cast_on_the_host():
+    """Each table crosses once per device and dtype, already cast (MPS has no float64), and
+    indexing it gives the CPU table's values."""
+    diffusion = GaussianDiffusion.from_schedule("cosine", 50)
+    with HostWaits() as waits:
+        first = diffusion.table("sqrt_alphas_cumprod", META, torch.float32)
+        again = diffusion.table("sqrt_alphas_cumprod", META, torch.float32)
+    assert again is first and first.dtype == torch.float32
+    assert waits.copies == [("aten._to_copy.default", (50,), torch.float32)]
+    t = torch.tensor([0, 17, 49])
+    x = torch.ones(3, 1, 2, 2)
+    assert torch.equal(diffusion.q_sample(x, t, torch.zeros_like(x))[:, 0, 0, 0],
+                       diffusion.sqrt_alphas_cumprod[t].float())
+    assert torch.equal(diffusion.model_timesteps(t), t)
 
 
 @pytest.mark.parametrize("device, pinned, asynchronous", [("cuda:0", True, True), ("mps", False, False),
