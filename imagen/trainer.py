@@ -432,8 +432,8 @@ class Trainer:
             self.dataset.set_epoch(epoch)
             self.epoch = epoch
         images, text = self.dataset.sample_batch(training.batch_size, self.data_generator)
-        # Text comes as rows of the table (prompt indices) or, from shards, with the batch.
-        # Datasets on the device (MNIST, scenes, shards) hand over device tensors; a caption folder's are copied here.
+        # Text comes as rows of the table (prompt indices) or, from shards, with the batch. MNIST,
+        # scenes and shards hand over device tensors already; a caption folder's are copied here.
         text = self.text_table.rows(to_device(text, self.device)) if self.text_table is not None else text
         return to_device(images, self.device).contiguous(memory_format=self.memory_format), text
 
