@@ -23,6 +23,8 @@ cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then echo "usage: bash benchmarks/device_paths.sh OUT [MNIST_ROOT]" >&2; exit 2; fi
 OUT="$1"
 DATA="${2:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+source benchmarks/switch.sh
+COMPILE=$(switch COMPILE "${COMPILE:-}")
 if [ -e "$OUT" ]; then echo "error: $OUT already exists; give a new folder for this check's runs and outputs." >&2; exit 2; fi
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -48,13 +50,12 @@ data=(--set "data.root=$DATA" --set text_encoder.name=tiny)
 base="$OUT/runs/base"
 sr="$OUT/runs/sr"
 cascade=(--checkpoint "$base" --checkpoint "$sr")
-compile=()
-if [ -n "${COMPILE:-}" ]; then compile=(--set training.compile=true); fi
 
 check train_base python train_base_mnist.py --config configs/mnist/base.yaml --output-dir "$base" "${data[@]}" \
   "${TINY_BASE[@]}" --set training.channels_last=true
 check resume_base python train_base_mnist.py --config configs/mnist/base.yaml --output-dir "$base" --resume \
-  "${data[@]}" "${TINY_BASE[@]}" --set training.channels_last=true --set training.max_steps=4 "${compile[@]}"
+  "${data[@]}" "${TINY_BASE[@]}" --set training.channels_last=true --set training.max_steps=4 \
+  --set "training.compile=$COMPILE"
 check resume_continued python - "$base/metrics.jsonl" <<'PY'
 import json
 import sys

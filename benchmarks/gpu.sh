@@ -19,6 +19,8 @@
 # seconds checks that first). A failure does not stop the sweep, so that the other numbers
 # still come, but the script then exits 1: no failure passes for a number.
 set -euo pipefail
+# bench_train.py imports imagen from this checkout: a lent GPU machine has it uninstalled.
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 DATA="${1:-../shared/data}"
 STEPS="${STEPS:-50}"
 WARMUP="${WARMUP:-10}"

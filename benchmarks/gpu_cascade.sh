@@ -34,6 +34,8 @@
 # the log as they happen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The benchmark scripts import imagen from this checkout: a lent GPU machine has it uninstalled.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ $# -lt 1 ]; then echo "usage: bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]" >&2; exit 2; fi
 OUT="$1"
 DATA="${2:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
@@ -45,8 +47,9 @@ BASE_LR="${BASE_LR:-3e-4}"
 SR_LR="${SR_LR:-5e-4}"
 SR_GUIDANCE="${SR_GUIDANCE:-1}"
 NUM_IMAGES="${NUM_IMAGES:-200}"
-COMPILE="${COMPILE:-false}"
-CHANNELS_LAST="${CHANNELS_LAST:-false}"
+source benchmarks/switch.sh
+COMPILE=$(switch COMPILE "${COMPILE:-}")
+CHANNELS_LAST=$(switch CHANNELS_LAST "${CHANNELS_LAST:-}")
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ -e "$OUT/report.json" ]; then echo "error: $OUT already holds a report.json; choose another OUT." >&2; exit 2; fi
 if [ -e "$RUNS/base" ] || [ -e "$RUNS/sr" ]; then

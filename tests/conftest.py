@@ -31,6 +31,27 @@ def python(*args, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture
+def uninstalled(tmp_path) -> dict:
+    """The environment of a lent GPU machine, where the repository is a checkout and imagen is not
+    installed: ``python`` on its PATH sees every installed package but this one."""
+    import site
+
+    bin_folder = tmp_path / "uninstalled-bin"
+    bin_folder.mkdir()
+    wrapper = bin_folder / "python"
+    # -S skips the .pth files, the editable install among them; PYTHONPATH brings back the rest.
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    wrapper.chmod(0o755)
+    packages = [*site.getsitepackages(), site.getusersitepackages()]
+    env = {**os.environ, "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join(packages)}
+    probe = subprocess.run(["python", "-c", "import torch, transformers; import imagen"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert "No module named 'imagen'" in probe.stderr, probe.stderr  # and torch, transformers did import
+    return env
+
+
 class HostWaits:
     """Within ``with HostWaits() as waits:``, ``waits.copies`` lists (operation, shape, dtype) of
     every copy from the host to another device that the host has to wait for.

@@ -99,12 +99,13 @@ def test_sampler_parity_compares_fast_settings_with_the_reference_and_resumes(tr
 
 
 @pytest.mark.slow
-def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier, mnist_root, tmp_path):
-    """benchmarks/gpu_cascade.sh at tiny sizes on the CPU: both stages trained under a time budget,
-    the cascade sampled and evaluated, and the report and grids written."""
+def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier, mnist_root, tmp_path, uninstalled):
+    """benchmarks/gpu_cascade.sh at tiny sizes on the CPU, from the checkout alone as on a lent
+    GPU: both stages trained under a time budget, the cascade sampled and evaluated, and the
+    report and grids written."""
     out = tmp_path / "out"
     result = subprocess.run(["bash", "benchmarks/gpu_cascade.sh", str(out), str(mnist_root)], cwd=REPO_ROOT,
-                            env={**os.environ, "SMOKE": "1", "RUNS": str(tmp_path / "runs")},
+                            env={**uninstalled, "SMOKE": "1", "RUNS": str(tmp_path / "runs")},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {"report.json", "log.txt", "base_grid.png", "sr_grid.png",
@@ -147,11 +148,12 @@ DEVICE_PATHS = ["train_base", "resume_base", "resume_continued", "train_sr", "sa
 
 
 @pytest.mark.slow
-def test_the_device_paths_script_runs_every_path_at_tiny_sizes(classifier, mnist_root, tmp_path):
-    """benchmarks/device_paths.sh, what a lent GPU runs to show the paths device-clean, on the CPU."""
+def test_the_device_paths_script_runs_every_path_at_tiny_sizes(classifier, mnist_root, tmp_path, uninstalled):
+    """benchmarks/device_paths.sh, what a lent GPU runs to show the paths device-clean, on the CPU
+    from the checkout alone."""
     out = tmp_path / "out"
     result = subprocess.run(["bash", "benchmarks/device_paths.sh", str(out), str(mnist_root)], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=900)
+                            env=uninstalled, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (out / "log.txt").read_text().splitlines()
     assert log[0].startswith("device: cpu torch ") and log[-1] == "every path ran"
@@ -174,6 +176,23 @@ def test_the_device_paths_script_runs_every_path_at_tiny_sizes(classifier, mnist
     assert (tmp_path / "failing" / "log.txt").read_text().splitlines()[1].startswith("FAIL train_base (exit 2 after ")
 
 
+@pytest.mark.parametrize("value, meaning", [("", "false"), ("0", "false"), ("off", "false"), ("False", "false"),
+                                            ("1", "true"), ("true", "true"), ("YES", "true"), ("on", "true")])
+def test_an_on_off_setting_of_the_device_scripts_means_the_same_in_each(value, meaning):
+    result = subprocess.run(["bash", "-c", 'source benchmarks/switch.sh && switch COMPILE "$0"', value], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == f"{meaning}\n"
+
+
+@pytest.mark.parametrize("script", ["gpu_cascade.sh", "device_paths.sh"])
+def test_the_device_scripts_refuse_an_unknown_compile_setting_before_any_work(script, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", f"benchmarks/{script}", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "COMPILE": "maybe"})
+    assert result.returncode == 2 and result.stdout == "" and not out.exists()
+    assert "error: COMPILE is 'maybe'; expected 1, true, yes or on" in result.stderr
+
+
 def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything(tmp_path):
     result = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=60, env={**os.environ, "VARIANTS": "eager compiled"})
@@ -188,10 +207,11 @@ def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything
         assert refused.returncode == 2 and message in refused.stderr and refused.stdout == ""
 
 
-def test_the_gpu_speed_script_reports_each_measurement_as_it_ends_and_goes_on_past_failures(mnist_root):
-    """A lent GPU's call can be cut off or lack a compiler: each variant's line must come as it
-    ends, and a failing one must not cost the others their numbers (nor pass for a number)."""
-    env = {**os.environ, "STAGES": "base", "VARIANTS": "eager compile", "STEPS": "1", "WARMUP": "1", "BATCH": "2",
+def test_the_gpu_speed_script_reports_each_measurement_as_it_ends_and_goes_on_past_failures(mnist_root, uninstalled):
+    """A lent GPU's call can be cut off or lack a compiler (and has imagen uninstalled): each
+    variant's line must come as it ends, and a failing one must not cost the others their
+    numbers (nor pass for a number)."""
+    env = {**uninstalled, "STAGES": "base", "VARIANTS": "eager compile", "STEPS": "1", "WARMUP": "1", "BATCH": "2",
            "CXX": "/bin/false"}  # Inductor's CPU compiler: the probe finds none, as on a GPU machine without one
     result = subprocess.run(["bash", "benchmarks/gpu.sh", str(mnist_root)], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=300, env=env)
