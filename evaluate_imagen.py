@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", help=f"{' | '.join(SAMPLER_NAMES)}, or one per stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: each stage's config)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", help="auto (default: a GPU if any), cpu, cuda, cuda:N or mps")
     parser.add_argument("--weights", default="ema", choices=["ema", "model"])
     parser.add_argument("--output-dir", required=True, help="where report.json, sweep.csv, sweep.png and samples/ go")
     parser.add_argument("--no-unconditional", action="store_true",
@@ -194,21 +194,28 @@ def main(argv: list[str] | None = None) -> None:
     from imagen.scene_evaluation import SceneEvaluator
     from imagen.stage import check_stage_settings
 
-    output = Path(args.output_dir)
-    refuse_results_in_a_run(output)
-    prepare_output(output, OUTPUTS, args.overwrite)
-
     if args.mode is not None:  # validate the count before anything is loaded
         check_count(args.mode, args.num_images)
     device = resolve_device(args.device)
     stages = [load_stage(path, device, args.weights) for path in stage_folders(args, "--checkpoints")]
     mode = args.mode or default_mode(stages)
+    if args.stage is not None and mode != "sr":
+        evaluates = "the base stage" if mode == "base" else "every stage"
+        raise ImagenError(f"--stage {args.stage} picks the stage of sr mode, but {mode} mode evaluates {evaluates}; "
+                          "drop --stage or add --mode sr.")
+    if mode == "scenes" and stages[0].config.data.dataset != "mnist_scenes":
+        raise ImagenError(f"--mode scenes: the stages were trained on data.dataset {stages[0].config.data.dataset}, "
+                          "not mnist_scenes, so scene captions would measure nothing they learnt; evaluate them with "
+                          "--mode cascade or base.")
     check_count(mode, args.num_images)
     resolved = {name: per_stage(values, len(stages), f"--{name}") for name, values in settings.items()}
     check_stage_settings([stage.config for stage in stages], resolved["sampler"], resolved["steps"])
-    sr_index = -1 if args.stage is None else min(args.stage, len(stages) - 1)
+    sr_index = -1 if args.stage is None else min(args.stage, len(stages) - 1)  # data.root's; the Evaluator refuses it
     evaluated = stages[0] if mode != "sr" else stages[sr_index]
     data_root = args.data_root or evaluated.config.data.root
+    output = Path(args.output_dir)  # checked once the stages have loaded, before the classifier may train
+    refuse_results_in_a_run(output)
+    prepare_output(output, OUTPUTS, args.overwrite)
     log = sys.stderr if args.json else sys.stdout
     classifier, info = load_or_train_classifier(data_root, device=device)
     print(f"classifier {info.short_hash}: {info.test_accuracy:.2%} test accuracy "

@@ -47,6 +47,9 @@ def safe_name(prompt: str, limit: int = 40) -> str:
     return name or "empty"
 
 
+# How much of the diffusion --init-images redo when --strength is not given.
+DEFAULT_STRENGTH = 0.6
+
 # What this script writes into --output-dir; --overwrite replaces exactly these.
 OUTPUTS = ("grid.png", "stage_*.png", "images", "metadata.json")
 
@@ -108,6 +111,19 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def refuse_empty_prompts(prompts: list[str], cascade) -> None:
+    """A prompt the text encoder reads as nothing would quietly draw an unconditional sample."""
+    from imagen.captions import normalize_prompt, shorten
+
+    for stage in cascade.stages:
+        mode = stage.config.text_encoder.normalize
+        for prompt in prompts:
+            if not normalize_prompt(prompt, mode).strip():
+                raise ImagenError(f"prompt {shorten(prompt)}: the text encoder reads it as empty (text_encoder."
+                                  f"normalize {mode} of {stage.checkpoint}), and an empty prompt draws an "
+                                  "unconditional sample; give words or numerals.")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_stage_sources(parser, "--checkpoint", action="append",
@@ -129,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
                              "or one per image")
     parser.add_argument("--inpaint-resample", type=int, default=1,
                         help="RePaint resampling: repeat every step this often (needs --sampler ddpm; default 1)")
-    parser.add_argument("--strength", type=float, default=0.6,
+    parser.add_argument("--strength", type=float,
                         help="with --init-images: how much of the diffusion to redo, 0 (keep them) to 1 (ignore "
-                             "them); default 0.6")
+                             f"them); default {DEFAULT_STRENGTH}")
     parser.add_argument("--guidance", help="guidance weight, or one per stage: 5 or 5,3")
     parser.add_argument("--steps", help="sampling steps, or one per stage: 50 or 50,25")
     parser.add_argument("--sampler", help=f"{' | '.join(SAMPLER_NAMES)}, or one per stage")
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int,
                         help="images per forward pass (default: each stage's sampling.batch_size)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", help="auto (default: a GPU if any), cpu, cuda, cuda:N or mps")
     parser.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     parser.add_argument("--output-dir", required=True, help="where the images and metadata.json go")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output-dir")
@@ -153,8 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise ImagenError(f"--batch-size {args.batch_size}: expected a positive integer.")
     check_seed(args.seed)
-    if not (math.isfinite(args.strength) and 0.0 <= args.strength <= 1.0):
-        raise ImagenError(f"--strength {args.strength}: expected a number in [0, 1].")
+    if args.strength is not None and not args.init_images:
+        raise ImagenError(f"--strength {args.strength} says how much of --init-images to redraw, but none are given.")
+    strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise ImagenError(f"--strength {strength}: expected a number in [0, 1].")
     if args.init_images and args.low_res:
         raise ImagenError("--init-images edits the base stage's images and --low-res replaces them: give one.")
     if bool(args.inpaint_images) != bool(args.inpaint_masks):
@@ -178,14 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     from imagen.run_folder import refuse_results_in_a_run
     from imagen.stage import check_stage_settings
 
-    output = Path(args.output_dir)
-    refuse_results_in_a_run(output)
-    prepare_output(output, OUTPUTS, args.overwrite)
-
+    device = resolve_device(args.device)
     folders = stage_folders(args, "--checkpoint")
     low_res = None
     if args.low_res:
-        cascade = super_resolution_cascade(folders, resolve_device(args.device), args.weights)
+        cascade = super_resolution_cascade(folders, device, args.weights)
         first = cascade.stages[0].config
         paths = image_files(args.low_res)
         if len(prompts) not in (1, len(paths)):
@@ -196,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                                                first.super_resolution.low_res_size, first.unet.channels)[0]
                                for path in paths for _ in range(args.num_per_prompt)])
     else:
-        cascade = Cascade.from_checkpoints(folders, device=args.device, weights=args.weights)
+        cascade = Cascade.from_checkpoints(folders, device=device, weights=args.weights)
     init_images = None
     if args.init_images:
         base = cascade.stages[0].config.unet
@@ -209,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         masks = read_per_prompt(args.inpaint_masks, "--inpaint-masks", len(images), 1, last.image_size)
         inpaint_images = images.repeat_interleave(args.num_per_prompt, dim=0)
         inpaint_masks = ((masks + 1) / 2).repeat_interleave(args.num_per_prompt, dim=0)  # 1: draw
+    refuse_empty_prompts(prompts, cascade)
     count = len(cascade.stages)
     # One value for all stages, or exactly one per stage (None: the stage's config decides).
     resolved = {name: per_stage(values, count, f"--{name}") for name, values in settings.items()}
@@ -217,10 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.inpaint_images and args.inpaint_resample > 1 and set(samplers) != {"ddpm"}:
         raise ImagenError(f"--inpaint-resample {args.inpaint_resample} runs the ddpm formulation's ancestral sampler, "
                           f"but the stages sample with {', '.join(samplers)}: add --sampler ddpm (ddpm stages only).")
+    output = Path(args.output_dir)  # checked once every input has been read, so that their errors come first
+    refuse_results_in_a_run(output)
+    prepare_output(output, OUTPUTS, args.overwrite)
     all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
     result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
                             batch_size=args.batch_size, low_res=low_res, init_images=init_images,
-                            strength=args.strength, inpaint_images=inpaint_images, inpaint_masks=inpaint_masks,
+                            strength=strength, inpaint_images=inpaint_images, inpaint_masks=inpaint_masks,
                             inpaint_resample=args.inpaint_resample, progress=True)
 
     columns = args.num_per_prompt if args.num_per_prompt > 1 else min(10, len(all_prompts))
@@ -239,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             "low_res": [str(path) for path in paths] if args.low_res else None,
             "init_images": [str(path) for path in image_files(args.init_images, "--init-images")]
             if args.init_images else None,
-            "strength": args.strength if args.init_images else None,
+            "strength": strength if args.init_images else None,
             "inpaint_images": [str(p) for p in image_files(args.inpaint_images, "--inpaint-images")]
             if args.inpaint_images else None,
             "inpaint_masks": [str(p) for p in image_files(args.inpaint_masks, "--inpaint-masks")]

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="SAMPLER:STEPS settings, each applied to every stage")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--guidance", help="one weight, or one per stage (default: the configs')")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", help="auto (default: a GPU if any), cpu, cuda, cuda:N or mps")
     add_debug_argument(parser)
     args = parser.parse_args(argv)
     settings = [parse_setting(text) for text in args.samplers]

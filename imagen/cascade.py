@@ -11,6 +11,7 @@ stages that do not chain (size or channels) are refused before anything is sampl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
@@ -20,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from imagen.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, load_state, load_weights_strictly
+from imagen.checkpoint import (
+    CHECKPOINTS,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_folder,
+    latest_checkpoint,
+    load_state,
+    load_weights_strictly,
+)
 from imagen.config import StageConfig, check_stage_order, load_stage_config
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, seeded_generator
@@ -48,8 +57,13 @@ def load_stage(path: str | Path, device: torch.device, weights: str = "ema") -> 
     ``weights``: ``ema`` (default) or ``model`` (the raw training weights).
     """
     path = Path(path)
+    step = re.fullmatch(r"step_(\d+)", path.name)
+    if step and path.parent.name == CHECKPOINTS and not path.exists():  # step_1550 names step_00001550
+        path = checkpoint_folder(path.parent.parent, int(step[1]))
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist (expected a run folder or checkpoints/step_N).")
+        problem = "is a file" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint folder {path} {problem} (expected a run folder or one of its "
+                              "checkpoints/step_NNNNNNNN folders).")
     checkpoint = path if (path / STATE_FILE).is_file() else latest_checkpoint(path)
     if checkpoint is None:
         raise CheckpointError(

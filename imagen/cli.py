@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,10 +13,10 @@ from imagen.config import MAX_SEED, StageConfig, load_cascade_config, load_stage
 from imagen.errors import ImagenError
 
 
-def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config``, repeatable ``--set key.path=value``, ``--output-dir``, ``--resume``, ``--overwrite``
-    and ``--debug``."""
-    parser.add_argument("--config", required=True, help="stage YAML file, e.g. configs/mnist_cpu/base.yaml")
+def add_stage_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--config`` (``example`` its example), repeatable ``--set key.path=value``, ``--output-dir``,
+    ``--resume``, ``--overwrite`` and ``--debug``."""
+    parser.add_argument("--config", required=True, help=f"stage YAML file, e.g. {example}")
     parser.add_argument(
         "--set",
         action="append",
@@ -87,20 +88,25 @@ def run_script(main: Callable[[Sequence[str] | None], None], argv: Sequence[str]
     With ``--debug`` the original traceback is shown instead.
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
+    debug, python_format = "--debug" in arguments, warnings.formatwarning
+    if not debug:  # a user's warnings (an unknown word, a cut prompt) as one line each, without our source line
+        warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         main(arguments)
     except ImagenError as exc:
-        if "--debug" in arguments:
+        if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = python_format
     return 0
 
 
 def train_stage(argv: Sequence[str] | None, description: str, super_resolution: bool) -> None:
     """The body of both training scripts: parse, load the config, check the stage kind, train."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_stage_arguments(parser)
+    add_stage_arguments(parser, "configs/mnist_cpu/sr.yaml" if super_resolution else "configs/mnist_cpu/base.yaml")
     args = parser.parse_args(argv)
     config = load_config_from_args(args)
     if config.is_super_resolution and not super_resolution:

@@ -14,7 +14,7 @@ import io
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -24,11 +24,18 @@ from imagen.errors import ImagenError
 
 
 def resolve_device(device: str | torch.device, setting: str = "--device") -> torch.device:
-    """``auto`` means CUDA when available, else CPU. A CUDA device this machine lacks is an
-    error naming ``setting`` (the argument or config key the device came from)."""
+    """``auto`` means CUDA when available, else CPU. A name PyTorch does not know, or a CUDA or
+    MPS device this machine lacks, is an error naming ``setting`` (the argument or config key
+    the device came from)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ImagenError(f"{setting} {device!r}: expected auto, cpu, cuda, cuda:N (N a GPU's index), mps or "
+                          "another device PyTorch knows.") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ImagenError(f"{setting} {device}: this machine has no MPS device that PyTorch can use; use cpu or auto.")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
@@ -148,19 +155,20 @@ def save_png(rows: torch.Tensor | Sequence[torch.Tensor], path: Path, columns: i
 
 
 def prepare_output(output: Path, owned: Sequence[str], overwrite: bool, setting: str = "--output-dir") -> None:
-    """Check, before any work, that results can go to the folder ``output``: it is a folder (or
-    can be made one) and, unless ``overwrite``, holds none of the files the patterns ``owned``
-    name (earlier results of the same script)."""
+    """Check, before any work, that results can go to the folder ``output``: it is a folder, or
+    can be made one inside the nearest folder that exists, and, unless ``overwrite``, holds
+    none of the files the patterns ``owned`` name (earlier results of the same script).
+    :func:`new_results` makes it, so that a run that fails leaves no empty folder behind."""
     if output.exists() and not output.is_dir():
         raise ImagenError(f"{setting} {output} is a file, not a folder; choose a folder for the results.")
     earlier = sorted(path.name for pattern in owned for path in output.glob(pattern))
     if earlier and not overwrite:
         raise ImagenError(f"{setting} {output} already holds results ({', '.join(earlier[:4])}); pass --overwrite "
                           "to replace them or choose another folder.")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ImagenError(f"{setting} {output}: cannot create the folder ({error.strerror}).") from None
+    nearest = next(folder for folder in (output, *output.parents) if folder.exists())
+    if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
+        raise ImagenError(f"{setting} {output}: cannot create the folder ({nearest} is not a folder this user can "
+                          "write to).")
 
 
 @contextmanager
@@ -168,11 +176,16 @@ def new_results(output: Path, owned: Sequence[str]) -> Iterator[Path]:
     """A hidden folder inside ``output`` to write a script's results into; when the block ends
     without error they replace the earlier results in ``output`` (see :func:`publish`), and
     after an error they are discarded and ``output`` is as it was."""
+    made = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".new-", dir=output))
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            with suppress(OSError):  # not empty: another writer's files keep it
+                output.rmdir()
         raise
     publish(staging, output, owned)
 

@@ -251,7 +251,11 @@ def read_yaml_file(path: str | Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc}).") from None
-    return parse_yaml(text, str(path))
+    raw = parse_yaml(text, str(path))
+    if raw is None:  # more often a wrong or truncated file than a wish for every default
+        raise ConfigError(f"{path}: the config file is empty (or only comments); expected a YAML mapping of "
+                          "settings, or {} to take every default.")
+    return raw
 
 
 def parse_override(argument: str) -> tuple[str, Any]:

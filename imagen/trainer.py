@@ -326,8 +326,7 @@ class Trainer:
                 if self.accelerator.is_main_process:
                     damaged.rename(kept)
                 self.accelerator.print(f"skipped the damaged checkpoint {damaged.name}, renamed {kept} ({reason})")
-            if reasons:
-                self.accelerator.print(f"resuming from {folder}")
+            self.accelerator.print(f"resuming from {folder} (step {self.step})")
             return folder
         raise TrainingError(f"--resume: no checkpoint of {self.run_dir} can be loaded. " + " ".join(reasons))
 
@@ -361,7 +360,10 @@ class Trainer:
                 "which changes what the network's output means, so the trained weights would be wrong for it. "
                 "Resume with the run's own settings, or start a new run in another --output-dir.")
         if changed:
-            self.accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
+            changes = ", ".join(f"{key} {before.get(key)} -> {now[key]}" for key in changed)
+            self.accelerator.print(f"resuming with changed settings: {changes}")
+            if self.accelerator.is_main_process:  # the run's config.yaml says what it trains with from now on
+                save_config(self.config, self.run_dir / CONFIG_FILE)
         self.step = state["step"]
         if hasattr(self.dataset, "seek"):  # a streamed dataset continues its order where it stopped
             training = self.config.training
@@ -548,6 +550,9 @@ class Trainer:
             accelerator.init_trackers(TENSORBOARD)
         self.network.train()
         self.interval = self._new_interval()
+        if self.step >= training.max_steps:
+            accelerator.print(f"the run is at step {self.step}, training.max_steps {training.max_steps}: nothing to "
+                              "train (raise training.max_steps with --set to train it on).")
         progress = tqdm(total=training.max_steps, initial=self.step, desc="train", unit="step",
                         disable=not accelerator.is_main_process, dynamic_ncols=True)
         while self.step < stop:

@@ -8,7 +8,7 @@ import torch
 import yaml
 from PIL import Image
 
-from imagen.cascade import Cascade
+from imagen.cascade import Cascade, load_stage
 from imagen.checkpoint import latest_checkpoint
 from imagen.errors import ImagenError
 
@@ -72,6 +72,13 @@ def test_same_seed_same_images_other_seed_other_images(trained):
     other = cascade.sample(["4", "four"], steps=2, seed=2)
     assert torch.equal(first.images, second.images) and torch.equal(first.stages[0], second.stages[0])
     assert not torch.allclose(first.images, other.images)
+
+
+def test_a_checkpoint_may_be_named_by_its_step_without_the_zero_padding(trained):
+    stage = load_stage(trained / "base" / "checkpoints" / "step_2", torch.device("cpu"))
+    assert stage.checkpoint == trained / "base" / "checkpoints" / "step_00000002" and stage.step == 2
+    with pytest.raises(ImagenError, match=r"step_00000003 does not exist \(expected a run folder or one of its "):
+        load_stage(trained / "base" / "checkpoints" / "step_3", torch.device("cpu"))
 
 
 def test_per_stage_settings_must_match_the_stage_count(trained):

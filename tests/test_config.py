@@ -218,8 +218,11 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_stage_config(write_yaml(tmp_path, "list.yaml", "- 1\n- 2\n"))
 
 
-def test_empty_file_gives_the_defaults(tmp_path):
-    assert load_stage_config(write_yaml(tmp_path, "empty.yaml", "")) == StageConfig()
+def test_an_empty_file_is_refused_and_an_empty_mapping_gives_the_defaults(tmp_path):
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(ConfigError, match=r"empty.yaml: the config file is empty .*or \{\} to take every default"):
+            load_stage_config(write_yaml(tmp_path, "empty.yaml", text))
+    assert load_stage_config(write_yaml(tmp_path, "defaults.yaml", "{}")) == StageConfig()
 
 
 def test_cascade_rejects_mismatched_resolutions(tmp_path):

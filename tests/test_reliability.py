@@ -23,7 +23,7 @@ import train_sr_mnist
 from imagen.cascade import Cascade, load_stage
 from imagen.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_tensors
 from imagen.cli import run_script
-from imagen.config import TextEncoderConfig
+from imagen.config import TextEncoderConfig, load_stage_config
 from imagen.io import atomic_write
 from imagen.text import TextEmbeddingCache
 from imagen.trainer import Trainer, TrainingError
@@ -78,6 +78,7 @@ def bad_inputs(tmp_path_factory, trained, mnist_root):
         damaged = edited_checkpoint(trained / "base", root / name, lambda c: None)
         (latest_checkpoint(damaged) / "state.json").write_bytes(content)
     (root / "prompts_blank.txt").write_text("\n\n   \n")
+    (root / "empty.yaml").write_text("# nothing yet\n")
     for case, edit_files in MNIST_DAMAGE.items():
         raw = root / "mnist" / case / "MNIST" / "raw"
         shutil.copytree(mnist_root / "MNIST" / "raw", raw)
@@ -225,6 +226,18 @@ def table(root: Path, trained: Path, mnist: Path):
                                  ("more_labels", "but 10000 labels"), ("fewer_labels", "but 100 labels"))],
         (T, ["--config", cpu_base, "--set", "data.dataset=caption_folder", "--set", f"data.root={root / 'captions'}",
              *QUICK, *train_out], "a.txt: the caption is not UTF-8 text"),
+        # What a new user tried: an empty config, empty prompts, a setting that does nothing, a device by index.
+        (T, ["--config", str(root / "empty.yaml"), *data], "the config file is empty"),
+        (P, ["--checkpoint", base, "--prompts", "", *out], "the text encoder reads it as empty"),
+        (P, ["--checkpoint", base, "--prompts", "seven", "!!!", *out], "prompt '!!!': the text encoder reads it"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--strength", "0.5", *out], "--strength 0.5 says how much"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--init-images", str(root / "absent.png"), "--output-dir",
+             str(root / "existing_out")], "--init-images " + str(root / "absent.png") + ": no such file"),
+        (P, ["--checkpoint", str(root / "a_file"), "--prompts", "1", *out], "a_file is a file (expected a run"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--device", "cuda:1", *out], "--device cuda:1: this machine has"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--device", "gpu", *out], "--device 'gpu': expected auto, cpu"),
+        (E, ["--checkpoints", base, sr, "--mode", "cascade", "--stage", "0", *out], "picks the stage of sr mode"),
+        (E, ["--checkpoints", base, sr, "--mode", "scenes", "--num-images", "5", *out], "not mnist_scenes"),
         # Sizes that can never fit.
         (T, ["--config", cpu_base, *data, "--set", "training.batch_size=1000000000000", *train_out], "need at least"),
         (T, ["--config", cpu_base, *data, "--set", "unet.base_channels=1000000000", *train_out], "too large to build"),
@@ -262,8 +275,8 @@ def test_every_bad_input_exits_2_with_one_clear_message_and_loses_no_file(bad_in
         assert "--overwrite" not in message or "holds no training run" not in message  # never advise deleting it
     after = snapshot(bad_inputs, trained)
     assert {path: after.get(path) for path in before} == before  # every file is still there, unchanged
-    for folder in ("out", "train_out"):  # a refused start leaves nothing behind
-        assert not (bad_inputs / folder).exists() or not any((bad_inputs / folder).rglob("*.*"))
+    assert not (bad_inputs / "out").exists()  # refused results leave not even an empty folder
+    assert not (bad_inputs / "train_out").exists() or not any((bad_inputs / "train_out").rglob("*.*"))
 
 
 def test_a_real_process_exits_2_without_traceback_and_shows_it_with_debug(tmp_path):
@@ -388,12 +401,15 @@ def test_odd_prompts_never_crash_and_make_safe_file_names(trained, tmp_path):
     prompts = ["", "   ", "seven " * 40, "zéro ünïcode ✓ 七", "bell\x07 nul\x00 tab\t newline\n end",
                "../../etc/passwd",
                "a" * 300]
+    typed = [p.replace("\x00", "") for p in prompts if p.strip()]  # the script refuses blank ones (bad-input table)
     result = python("sample_imagen.py", "--checkpoint", str(trained / "base"), "--checkpoint", str(trained / "sr"),
-                    "--prompts", *[p.replace("\x00", "") for p in prompts], "--steps", "2",
-                    "--output-dir", str(tmp_path / "out"))
+                    "--prompts", *typed, "七", "--steps", "2", "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     names = [p.name for p in (tmp_path / "out" / "images").iterdir()]
-    assert len(names) == len(prompts)
+    assert len(names) == len(typed) + 1 and any(name.endswith("_empty.png") for name in names)
+    # A warning is one line for the user, not Python's file, line and source.
+    assert "warning: prompt 'zéro ünïcode 七': the tiny tokenizer does not know" in result.stderr
+    assert "UserWarning" not in result.stderr and "self.encoder.encode" not in result.stderr
     for name in names:
         assert all(c.isalnum() or c in "_-." for c in name) and len(name) < 60, name
     # Training-side: the embedding cache takes the same prompts (NUL included).
@@ -444,11 +460,19 @@ def test_resume_skips_damaged_checkpoints_and_keeps_them(mnist_root, tmp_path, t
     assert latest_checkpoint(tmp_path / "run").name == "step_00000004"
 
 
-def test_resuming_applies_a_changed_learning_rate_and_survives_another_device_kind(tiny_stage, tmp_path):
+def test_resuming_applies_a_changed_learning_rate_and_survives_another_device_kind(tiny_stage, tmp_path, capsys):
     Trainer.from_config(tiny_stage(max_steps=2, lr=1e-3, warmup_steps=0, lr_schedule="constant"),
                         tmp_path / "run").train()
+    capsys.readouterr()
     resumed = Trainer.from_config(tiny_stage(max_steps=4, lr=1e-5, warmup_steps=0, lr_schedule="constant",
                                              weight_decay=0.01), tmp_path / "run", resume=True)
+    printed = capsys.readouterr().out
+    assert ("resuming with changed settings: training.max_steps 2 -> 4, training.lr 0.001 -> 1e-05, "
+            "training.weight_decay 0.0 -> 0.01\n") in printed
+    assert f"resuming from {tmp_path / 'run' / 'checkpoints' / 'step_00000002'} (step 2)" in printed
+    # The run's config.yaml says what it trains with now; the checkpoint keeps what it was made with.
+    assert load_stage_config(tmp_path / "run" / "config.yaml").training.lr == 1e-5
+    assert load_stage_config(latest_checkpoint(tmp_path / "run") / "config.yaml").training.lr == 1e-3
     group = resumed.optimizer.param_groups[0]
     assert group["lr"] == 1e-5 and group["weight_decay"] == 0.01 and resumed.scheduler.base_lrs[0] == 1e-5
     resumed.train()
@@ -460,6 +484,11 @@ def test_resuming_applies_a_changed_learning_rate_and_survives_another_device_ki
     moved = Trainer.from_config(tiny_stage(max_steps=5, lr=1e-5), tmp_path / "run", resume=True)
     assert moved.step == 4
     moved.train()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000005"
+    capsys.readouterr()
+    finished = Trainer.from_config(tiny_stage(max_steps=5, lr=1e-5), tmp_path / "run", resume=True)
+    finished.train()
+    assert "the run is at step 5, training.max_steps 5: nothing to train" in capsys.readouterr().out
     assert latest_checkpoint(tmp_path / "run").name == "step_00000005"
 
 
