@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                 "sampler": per_stage_values(args.sampler, "--sampler", str, SAMPLER_NAMES)}
     from imagen.cascade import load_stage, per_stage
     from imagen.classifier import load_or_train_classifier
-    from imagen.evaluation import Evaluator
+    from imagen.evaluation import Evaluator, evaluated_stages
     from imagen.io import new_results, prepare_output, resolve_device, save_png
     from imagen.run_folder import refuse_results_in_a_run
     from imagen.scene_evaluation import SceneEvaluator
@@ -210,9 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     check_count(mode, args.num_images)
     resolved = {name: per_stage(values, len(stages), f"--{name}") for name, values in settings.items()}
     check_stage_settings([stage.config for stage in stages], resolved["sampler"], resolved["steps"])
-    sr_index = -1 if args.stage is None else min(args.stage, len(stages) - 1)  # data.root's; the Evaluator refuses it
-    evaluated = stages[0] if mode != "sr" else stages[sr_index]
-    data_root = args.data_root or evaluated.config.data.root
+    # Also refuses an unusable --stage now, before the classifier may take a minute to train.
+    first_evaluated = 0 if mode == "scenes" else evaluated_stages(stages, mode, args.stage)[0]
+    data_root = args.data_root or stages[first_evaluated].config.data.root
     output = Path(args.output_dir)  # checked once the stages have loaded, before the classifier may train
     refuse_results_in_a_run(output)
     prepare_output(output, OUTPUTS, args.overwrite)

@@ -112,7 +112,8 @@ def read_prompts(args) -> list[str]:
 
 
 def refuse_empty_prompts(prompts: list[str], cascade) -> None:
-    """A prompt the text encoder reads as nothing would quietly draw an unconditional sample."""
+    """A prompt the text encoder reads as nothing is a condition no stage was trained on (the
+    null condition of guidance is another), so it would quietly draw something arbitrary."""
     from imagen.captions import normalize_prompt, shorten
 
     for stage in cascade.stages:
@@ -120,8 +121,8 @@ def refuse_empty_prompts(prompts: list[str], cascade) -> None:
         for prompt in prompts:
             if not normalize_prompt(prompt, mode).strip():
                 raise ImagenError(f"prompt {shorten(prompt)}: the text encoder reads it as empty (text_encoder."
-                                  f"normalize {mode} of {stage.checkpoint}), and an empty prompt draws an "
-                                  "unconditional sample; give words or numerals.")
+                                  f"normalize {mode} of {stage.checkpoint}), a condition no stage was trained on; "
+                                  "give words or numerals (--guidance 0 draws unconditional samples).")
 
 
 def main(argv: list[str] | None = None) -> None:

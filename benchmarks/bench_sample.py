@@ -34,6 +34,8 @@ def parse_setting(text: str) -> tuple[str, int]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def main(argv: list[str] | None = None) -> None:

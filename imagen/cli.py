@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from imagen.config import MAX_SEED, StageConfig, load_cascade_config, load_stage_config
-from imagen.errors import ImagenError
+from imagen.errors import ImagenError, PromptWarning
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, example: str) -> None:
@@ -85,12 +85,20 @@ def check_seed(seed: int, name: str = "--seed") -> None:
 def run_script(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main``; a user error prints ``error: <message>`` and returns exit code 2.
 
-    With ``--debug`` the original traceback is shown instead.
+    With ``--debug`` the original traceback is shown instead. A :class:`PromptWarning` prints as
+    one line.
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
     debug, python_format = "--debug" in arguments, warnings.formatwarning
-    if not debug:  # a user's warnings (an unknown word, a cut prompt) as one line each, without our source line
-        warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+
+    def one_line_prompt_warnings(message, category, *where) -> str:
+        """A prompt warning as one line (it names the prompt); any other keeps Python's format and origin."""
+        if issubclass(category, PromptWarning):
+            return f"warning: {message}\n"
+        return python_format(message, category, *where)
+
+    if not debug:
+        warnings.formatwarning = one_line_prompt_warnings
     try:
         main(arguments)
     except ImagenError as exc:

@@ -1,4 +1,4 @@
-"""The one exception type that means "the user gave us something we cannot use"."""
+"""What the user gave us that we cannot use (an error), or will read other than typed (a warning)."""
 
 
 class ImagenError(Exception):
@@ -8,3 +8,8 @@ class ImagenError(Exception):
     showing a traceback; the message must name the file, key or argument at fault
     and say what was expected.
     """
+
+
+class PromptWarning(UserWarning):
+    """A prompt the text encoder will not read whole: cut to its length, or with unknown text.
+    Scripts print it as one line, without Python's file and line (see ``imagen.cli.run_script``)."""

@@ -136,6 +136,24 @@ def classify_at(classifier: DigitClassifier, digits: torch.Tensor, size: int, ch
     return torch.cat([predicted for predicted, _ in results]), torch.cat([features for _, features in results])
 
 
+def evaluated_stages(stages: Sequence[Stage], mode: str, stage: int | None = None) -> list[int]:
+    """The indices of the stages that ``mode`` evaluates: the base stage, all of them, or in sr
+    mode the super-resolution stage ``stage`` (default the last)."""
+    if mode not in EVALUATION_MODES:
+        raise EvaluationError(f"--mode {mode!r}: expected one of {', '.join(EVALUATION_MODES)}.")
+    if mode == "base":
+        return [0]
+    if mode == "cascade":
+        if len(stages) < 2:
+            raise EvaluationError("--mode cascade needs a base stage and at least one super-resolution stage.")
+        return list(range(len(stages)))
+    index = len(stages) - 1 if stage is None else stage
+    if not 0 <= index < len(stages) or stages[index].config.super_resolution is None:
+        raise EvaluationError(f"--mode sr: stage {index} is not a super-resolution stage among the "
+                              f"{len(stages)} checkpoints given.")
+    return [index]
+
+
 class Evaluator:
     """Generates the evaluation images of one mode at a guidance weight and scores them.
 
@@ -150,20 +168,7 @@ class Evaluator:
                  data_root: str | Path, num_images: int = 1000, *, stage: int | None = None, seed: int = 0,
                  guidance: Sequence[float | None] | None = None, steps: Sequence[int | None] | None = None,
                  sampler: Sequence[str | None] | None = None, batch_size: int | None = None, progress: bool = True):
-        if mode not in EVALUATION_MODES:
-            raise EvaluationError(f"--mode {mode!r}: expected one of {', '.join(EVALUATION_MODES)}.")
-        if mode == "base":
-            chosen = [0]
-        elif mode == "cascade":
-            if len(stages) < 2:
-                raise EvaluationError("--mode cascade needs a base stage and at least one super-resolution stage.")
-            chosen = list(range(len(stages)))
-        else:
-            index = len(stages) - 1 if stage is None else stage
-            if not 0 <= index < len(stages) or stages[index].config.super_resolution is None:
-                raise EvaluationError(f"--mode sr: stage {index} is not a super-resolution stage among the "
-                                      f"{len(stages)} checkpoints given.")
-            chosen = [index]
+        chosen = evaluated_stages(stages, mode, stage)
         self.mode, self.chosen = mode, chosen
         self.cascade = Cascade([stages[i] for i in chosen], super_resolution_first=mode == "sr")
         self.classifier, self.info = classifier, info

@@ -14,7 +14,7 @@ import io
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -155,37 +155,54 @@ def save_png(rows: torch.Tensor | Sequence[torch.Tensor], path: Path, columns: i
 
 
 def prepare_output(output: Path, owned: Sequence[str], overwrite: bool, setting: str = "--output-dir") -> None:
-    """Check, before any work, that results can go to the folder ``output``: it is a folder, or
-    can be made one inside the nearest folder that exists, and, unless ``overwrite``, holds
-    none of the files the patterns ``owned`` name (earlier results of the same script).
-    :func:`new_results` makes it, so that a run that fails leaves no empty folder behind."""
+    """Check, before any work, that results can go to the folder ``output``: it is a folder or
+    can be made one (made and removed again, so that a run refused later leaves nothing
+    behind) and, unless ``overwrite``, holds none of the files the patterns ``owned`` name
+    (earlier results of the same script)."""
     if output.exists() and not output.is_dir():
         raise ImagenError(f"{setting} {output} is a file, not a folder; choose a folder for the results.")
     earlier = sorted(path.name for pattern in owned for path in output.glob(pattern))
     if earlier and not overwrite:
         raise ImagenError(f"{setting} {output} already holds results ({', '.join(earlier[:4])}); pass --overwrite "
                           "to replace them or choose another folder.")
-    nearest = next(folder for folder in (output, *output.parents) if folder.exists())
-    if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
-        raise ImagenError(f"{setting} {output}: cannot create the folder ({nearest} is not a folder this user can "
-                          "write to).")
+    remove_made_folders(output, make_folders(output, setting))
+
+
+def make_folders(folder: Path, setting: str) -> Path | None:
+    """Make ``folder`` and its missing parents; the outermost one made, or None if it existed."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ImagenError(f"{setting} {folder}: cannot create the folder ({error.strerror or error}).") from None
+    return missing[-1] if missing else None
+
+
+def remove_made_folders(folder: Path, outermost: Path | None) -> None:
+    """Undo :func:`make_folders`: remove ``folder`` and its parents up to ``outermost`` while empty."""
+    if outermost is None:
+        return
+    for path in (folder, *folder.parents):
+        try:
+            path.rmdir()
+        except OSError:  # not empty: someone else's files are in it now
+            return
+        if path == outermost:
+            return
 
 
 @contextmanager
-def new_results(output: Path, owned: Sequence[str]) -> Iterator[Path]:
+def new_results(output: Path, owned: Sequence[str], setting: str = "--output-dir") -> Iterator[Path]:
     """A hidden folder inside ``output`` to write a script's results into; when the block ends
     without error they replace the earlier results in ``output`` (see :func:`publish`), and
-    after an error they are discarded and ``output`` is as it was."""
-    made = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
+    after an error they are discarded and ``output`` is as it was (not there, if it was not)."""
+    outermost = make_folders(output, setting)
     staging = Path(tempfile.mkdtemp(prefix=".new-", dir=output))
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if made:
-            with suppress(OSError):  # not empty: another writer's files keep it
-                output.rmdir()
+        remove_made_folders(output, outermost)
         raise
     publish(staging, output, owned)
 

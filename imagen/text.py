@@ -22,7 +22,7 @@ import torch
 
 from imagen.captions import DIGIT_WORDS, normalize_prompt, shorten
 from imagen.checkpoint import CheckpointError, load_tensors
-from imagen.errors import ImagenError
+from imagen.errors import ImagenError, PromptWarning
 from imagen.io import atomic_write, cache_root, resolve_device, to_host
 from imagen.text_pretraining import NUM_SENTINELS, pretrain_encoder
 
@@ -242,13 +242,13 @@ class T5TextEncoder:
         for prompt, ids, offsets in zip(prompts, tokenized["input_ids"], tokenized["offset_mapping"]):
             if len(ids) > self.max_length:
                 warnings.warn(f"prompt {shorten(prompt)} has {len(ids)} tokens; it is truncated to "
-                              f"text_encoder.max_length={self.max_length}.", stacklevel=2)
+                              f"text_encoder.max_length={self.max_length}.", PromptWarning, stacklevel=2)
             unknown = [prompt[start:end] for token, (start, end) in zip(ids, offsets)
                        if token == self.tokenizer.unk_token_id]
             if unknown:
                 warnings.warn(f"prompt {shorten(prompt)}: the {self.name} tokenizer does not know "
                               f"{', '.join(repr(part) for part in unknown[:5])}, which it reads as <unk>.",
-                              stacklevel=2)
+                              PromptWarning, stacklevel=2)
         batch = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )

@@ -307,8 +307,10 @@ class Trainer:
         }
         if self.text_probes is not None:
             tensors["text_probes"] = dict(self.text_probes._asdict())
-        return save_checkpoint(folder, tensors, state, {CONFIG_FILE: config_to_yaml(self.config)},
-                               keep=self.config.training.keep_checkpoints)
+        saved = save_checkpoint(folder, tensors, state, {CONFIG_FILE: config_to_yaml(self.config)},
+                                keep=self.config.training.keep_checkpoints)
+        save_config(self.config, self.run_dir / CONFIG_FILE)  # the run's config is its latest checkpoint's
+        return saved
 
     def resume(self, checkpoints: list[Path]) -> Path:
         """Continue from the newest of ``checkpoints`` (newest first) that loads. A damaged one
@@ -362,8 +364,6 @@ class Trainer:
         if changed:
             changes = ", ".join(f"{key} {before.get(key)} -> {now[key]}" for key in changed)
             self.accelerator.print(f"resuming with changed settings: {changes}")
-            if self.accelerator.is_main_process:  # the run's config.yaml says what it trains with from now on
-                save_config(self.config, self.run_dir / CONFIG_FILE)
         self.step = state["step"]
         if hasattr(self.dataset, "seek"):  # a streamed dataset continues its order where it stopped
             training = self.config.training

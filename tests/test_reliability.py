@@ -24,7 +24,8 @@ from imagen.cascade import Cascade, load_stage
 from imagen.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_tensors
 from imagen.cli import run_script
 from imagen.config import TextEncoderConfig, load_stage_config
-from imagen.io import atomic_write
+from imagen.errors import ImagenError
+from imagen.io import atomic_write, new_results, prepare_output
 from imagen.text import TextEmbeddingCache
 from imagen.trainer import Trainer, TrainingError
 
@@ -259,6 +260,23 @@ def test_an_exclusive_atomic_write_never_replaces_a_file(tmp_path):
     assert target.read_text() == "third" and [p.name for p in tmp_path.iterdir()] == ["profile.txt"]
 
 
+def test_results_that_fail_leave_no_folder_and_a_folder_that_cannot_be_made_is_refused_first(tmp_path):
+    output = tmp_path / "a" / "b" / "out"
+    prepare_output(output, ["x.txt"], overwrite=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(RuntimeError, match="the sampler failed"):
+        with new_results(output, ["x.txt"]) as staging:
+            (staging / "x.txt").write_text("partial")
+            raise RuntimeError("the sampler failed")
+    assert not (tmp_path / "a").exists()
+    with new_results(output, ["x.txt"]) as staging:
+        (staging / "x.txt").write_text("done")
+    assert (output / "x.txt").read_text() == "done" and [p.name for p in output.iterdir()] == ["x.txt"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ImagenError, match="dangling: cannot create the folder"):
+        prepare_output(tmp_path / "dangling", ["x.txt"], overwrite=False)
+
+
 def test_every_bad_input_exits_2_with_one_clear_message_and_loses_no_file(bad_inputs, trained, mnist_root, capsys,
                                                                          monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
@@ -470,12 +488,12 @@ def test_resuming_applies_a_changed_learning_rate_and_survives_another_device_ki
     assert ("resuming with changed settings: training.max_steps 2 -> 4, training.lr 0.001 -> 1e-05, "
             "training.weight_decay 0.0 -> 0.01\n") in printed
     assert f"resuming from {tmp_path / 'run' / 'checkpoints' / 'step_00000002'} (step 2)" in printed
-    # The run's config.yaml says what it trains with now; the checkpoint keeps what it was made with.
-    assert load_stage_config(tmp_path / "run" / "config.yaml").training.lr == 1e-5
-    assert load_stage_config(latest_checkpoint(tmp_path / "run") / "config.yaml").training.lr == 1e-3
     group = resumed.optimizer.param_groups[0]
     assert group["lr"] == 1e-5 and group["weight_decay"] == 0.01 and resumed.scheduler.base_lrs[0] == 1e-5
+    # The run's config.yaml is its latest checkpoint's: the new settings once a checkpoint has them.
+    assert load_stage_config(tmp_path / "run" / "config.yaml").training.lr == 1e-3
     resumed.train()
+    assert load_stage_config(tmp_path / "run" / "config.yaml").training.lr == 1e-5
     assert resumed.scheduler.get_last_lr()[0] == 1e-5
     # A checkpoint whose noise generator lived on a GPU resumes on a CPU with fresh seeded noise.
     state_file = latest_checkpoint(tmp_path / "run") / "state.json"
