@@ -203,10 +203,15 @@ def main(argv: list[str] | None = None) -> None:
         evaluates = "the base stage" if mode == "base" else "every stage"
         raise ImagenError(f"--stage {args.stage} picks the stage of sr mode, but {mode} mode evaluates {evaluates}; "
                           "drop --stage or add --mode sr.")
-    if mode == "scenes" and stages[0].config.data.dataset != "mnist_scenes":
-        raise ImagenError(f"--mode scenes: the stages were trained on data.dataset {stages[0].config.data.dataset}, "
-                          "not mnist_scenes, so scene captions would measure nothing they learnt; evaluate them with "
-                          "--mode cascade or base.")
+    datasets = [stage.config.data.dataset for stage in stages]
+    if mode == "scenes" and set(datasets) != {"mnist_scenes"}:
+        raise ImagenError(f"--mode scenes: the stages were trained on data.dataset {', '.join(datasets)}, not all on "
+                          "mnist_scenes, so scene captions would measure what some never learnt; evaluate scene "
+                          "stages alone, and others with --mode cascade, base or sr.")
+    if mode != "scenes" and "mnist_scenes" in datasets:
+        raise ImagenError(f"--mode {mode}: the stages were trained on data.dataset {', '.join(datasets)}, and "
+                          "single-digit prompts measure nothing a scene stage learnt; evaluate scene stages with "
+                          "--mode scenes.")
     check_count(mode, args.num_images)
     resolved = {name: per_stage(values, len(stages), f"--{name}") for name, values in settings.items()}
     check_stage_settings([stage.config for stage in stages], resolved["sampler"], resolved["steps"])

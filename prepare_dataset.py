@@ -69,15 +69,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.shard_size < 1:
         raise ImagenError(f"--shard-size {args.shard_size}: expected a positive integer.")
 
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ImagenError(f"--output {output} is a file, not a folder; give the folder for the shards.")
+
     from imagen.config import load_cascade_config, load_stage_config
     from imagen.data import caption_folder_items, read_image, square_pixels
-    from imagen.shards import prepare_shards
+    from imagen.loader import read_yaml_file
+    from imagen.shards import INDEX, prepare_shards, read_index
 
     stages = []
     for path in args.config:
-        raw = Path(path)
-        if raw.is_file() and raw.read_text(encoding="utf-8", errors="replace").lstrip().startswith("stages:"):
-            stages += [load_stage_config(stage, args.set) for stage in load_cascade_config(raw).stage_paths]
+        raw = read_yaml_file(path)
+        if isinstance(raw, dict) and "stages" in raw:  # a cascade file: every stage it names
+            stages += [load_stage_config(stage, args.set) for stage in load_cascade_config(path).stage_paths]
         else:
             stages.append(load_stage_config(path, args.set))
     channels = stages[0].unet.channels
@@ -98,9 +103,15 @@ def main(argv: list[str] | None = None) -> None:
             return square_pixels(record[image_column], channels), str(record[text_column])
 
     where = str(source.resolve()) if source.exists() else args.source
-    index = prepare_shards(items, load, Path(args.output), stages, where, args.shard_size)
-    print(f"wrote {index.num_items} items in {len(index.shards)} shards to {args.output} "
-          f"({', '.join(f'{size}px' for size in index.resolutions)}, text encoder {index.encoder['name']})")
+    finished_before = (output / INDEX).is_file() and read_index(output).complete
+    index = prepare_shards(items, load, output, stages, where, args.shard_size)
+    what = (f"{index.num_items} items in {len(index.shards)} shards "
+            f"({', '.join(f'{size}px' for size in index.resolutions)}, text encoder {index.encoder['name']})")
+    if finished_before:  # the folder matched the source's path and item count; contents are not compared
+        print(f"already prepared: {output} holds {what}; nothing written. Prepare into a new folder to pick up "
+              "edited images or captions.")
+    else:
+        print(f"wrote {what} to {output}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def super_resolution_cascade(folders: list[str], device, weights: str):
 
     stages = [load_stage(folder, device, weights) for folder in folders]
     while stages and stages[0].config.super_resolution is None:
-        stages.pop(0)
+        print(f"--low-res: {stages.pop(0).checkpoint} is a base stage, not used: your images replace its output.",
+              file=sys.stderr)
     if not stages:
         raise ImagenError("--low-res: none of the checkpoints is a super-resolution stage to start from.")
     return Cascade(stages, super_resolution_first=True)
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ImagenError("--inpaint-images and --inpaint-masks go together: the images and what to draw in them.")
     if args.inpaint_resample < 1:
         raise ImagenError(f"--inpaint-resample {args.inpaint_resample}: expected a positive integer.")
+    if args.inpaint_resample > 1 and not args.inpaint_images:
+        raise ImagenError(f"--inpaint-resample {args.inpaint_resample} repeats the steps of inpainting, but no "
+                          "--inpaint-images are given.")
 
     if args.sample_aug_level is not None and not 0.0 <= args.sample_aug_level <= 1.0:
         raise ImagenError(f"--sample-aug-level {args.sample_aug_level}: expected a level in [0, 1].")

@@ -14,15 +14,17 @@
 # held constant after the warmup, as the configs' 50,000-step cosine is over those few hundred
 # steps. OUT receives the run (OUT/run) and its evaluation (OUT/evaluation/report.json).
 set -euo pipefail
+source "$(dirname "$0")/caller_paths.sh"
 cd "$(dirname "$0")/.."
 if [ $# -lt 3 ] || { [ "$2" != base ] && [ "$2" != sr ]; }; then
   echo "usage: bash benchmarks/budget_lr_cpu.sh OUT base|sr LR [MNIST_ROOT]" >&2
   exit 2
 fi
-OUT="$1"
+OUT=$(from_caller "$1")
 STAGE="$2"
 LR="$3"
-DATA="${4:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+DATA=$(from_caller "${4:-${IMAGEN_MNIST_ROOT:-}}")
+DATA="${DATA:-../shared/data}"
 if [ -e "$OUT" ]; then echo "error: $OUT already exists; choose another OUT." >&2; exit 2; fi
 if [ "$STAGE" = base ]; then
   script=train_base_mnist.py; steps="${STEPS:-580}"; batch=128; sweep="${SWEEP:-2,5}"

@@ -13,16 +13,18 @@
 #   bash benchmarks/device_paths.sh OUT [MNIST_ROOT]
 #   COMPILE=1 bash benchmarks/device_paths.sh OUT [MNIST_ROOT]   # the resumed base run compiled too
 #
-# Relative paths are taken from the repository's root. OUT (a new folder) receives the runs
+# Relative paths are the caller's. OUT (a new folder) receives the runs
 # and outputs of every path and log.txt: the device, then "ok NAME SECONDS" per path, or
 # "FAIL NAME" and a non-zero exit at the first failure. The ran_on_device check compares the
 # device the sampler used with the one torch sees. COMPILE=1 is for a GPU: on a CPU compiling
 # takes minutes.
 set -euo pipefail
+source "$(dirname "$0")/caller_paths.sh"
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then echo "usage: bash benchmarks/device_paths.sh OUT [MNIST_ROOT]" >&2; exit 2; fi
-OUT="$1"
-DATA="${2:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+OUT=$(from_caller "$1")
+DATA=$(from_caller "${2:-${IMAGEN_MNIST_ROOT:-}}")
+DATA="${DATA:-../shared/data}"
 source benchmarks/switch.sh
 COMPILE=$(switch COMPILE "${COMPILE:-}")
 if [ -e "$OUT" ]; then echo "error: $OUT already exists; give a new folder for this check's runs and outputs." >&2; exit 2; fi

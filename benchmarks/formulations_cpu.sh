@@ -10,18 +10,20 @@
 # accuracy; the last one is also evaluated through the cascade with the trained super-resolution
 # stage SR_RUN (a configs/mnist_cpu/sr.yaml run, shared by both, NUM_IMAGES images, default 500).
 # Every evaluation samples with its stage's shipped sampler and step count (ddpm: dpmpp_2m_sde, 50
-# steps; edm: heun, 25 steps, 49 network evaluations) and guidance, seed 0.
+# steps; edm: heun_stochastic, 25 steps, 49 network evaluations) and guidance, seed 0.
 # OUT/<formulation>/ holds the run and its evaluations; OUT/summary.md the table. Running it again
 # skips what is finished and resumes an unfinished training. FORMULATIONS limits the list; STEPS
 # (2000) and EVERY (250) change the budget and the checkpoint spacing; EXTRA adds --set arguments to
 # both trainings and EVAL_STEPS sets every evaluation's sampling steps (both for a smoke run);
 # EDM_SAMPLER evaluates the edm runs with another sampler than their config's (heun, heun_stochastic).
 set -euo pipefail
+source "$(dirname "$0")/caller_paths.sh"
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then echo "usage: bash benchmarks/formulations_cpu.sh OUT SR_RUN [MNIST_ROOT]" >&2; exit 2; fi
-OUT="$1"
-SR_RUN="$2"
-DATA="${3:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+OUT=$(from_caller "$1")
+SR_RUN=$(from_caller "$2")
+DATA=$(from_caller "${3:-${IMAGEN_MNIST_ROOT:-}}")
+DATA="${DATA:-../shared/data}"
 CHECKPOINT_IMAGES="${CHECKPOINT_IMAGES:-200}"
 NUM_IMAGES="${NUM_IMAGES:-500}"
 FORMULATIONS="${FORMULATIONS:-ddpm edm}"

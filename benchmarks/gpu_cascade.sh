@@ -33,12 +33,15 @@
 # is downloaded (HF_HUB_OFFLINE=1). Phase times and each stage's last logged interval go to
 # the log as they happen.
 set -euo pipefail
+source "$(dirname "$0")/caller_paths.sh"
 cd "$(dirname "$0")/.."
 # The benchmark scripts import imagen from this checkout: a lent GPU machine has it uninstalled.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ $# -lt 1 ]; then echo "usage: bash benchmarks/gpu_cascade.sh OUT [MNIST_ROOT]" >&2; exit 2; fi
-OUT="$1"
-DATA="${2:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+OUT=$(from_caller "$1")
+DATA=$(from_caller "${2:-${IMAGEN_MNIST_ROOT:-}}")
+DATA="${DATA:-../shared/data}"
+RUNS=$(from_caller "${RUNS:-}")
 RUNS="${RUNS:-$OUT/runs}"
 BASE_MINUTES="${BASE_MINUTES:-2.5}"
 SR_MINUTES="${SR_MINUTES:-2.5}"

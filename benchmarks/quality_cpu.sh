@@ -14,9 +14,12 @@
 # configs' 100 steps would take about eight times as long). Override with NUM_IMAGES, STEPS,
 # SAMPLER and SWEEP.
 set -euo pipefail
+source "$(dirname "$0")/caller_paths.sh"
 cd "$(dirname "$0")/.."
-OUT="${1:-runs/quality_cpu}"
-DATA="${2:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+OUT=$(from_caller "${1:-}")
+OUT="${OUT:-runs/quality_cpu}"
+DATA=$(from_caller "${2:-${IMAGEN_MNIST_ROOT:-}}")
+DATA="${DATA:-../shared/data}"
 SWEEP="${SWEEP:-0,1,2,3,5,7}"
 NUM_IMAGES="${NUM_IMAGES:-500}"
 STEPS="${STEPS:-25}"

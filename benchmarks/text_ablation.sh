@@ -19,11 +19,13 @@
 # OUT/<variant>/ holds the run and evaluation/; OUT/summary.md the table. Running it again skips
 # what is finished and resumes an unfinished training.
 set -euo pipefail
+source "$(dirname "$0")/caller_paths.sh"
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then echo "usage: bash benchmarks/text_ablation.sh OUT SR_RUN [MNIST_ROOT]" >&2; exit 2; fi
-OUT="$1"
-SR_RUN="$2"
-DATA="${3:-${IMAGEN_MNIST_ROOT:-../shared/data}}"
+OUT=$(from_caller "$1")
+SR_RUN=$(from_caller "$2")
+DATA=$(from_caller "${3:-${IMAGEN_MNIST_ROOT:-}}")
+DATA="${DATA:-../shared/data}"
 encoder=()
 if [ -n "${ENCODER:-}" ]; then encoder=(--set "text_encoder.name=$ENCODER"); fi
 NUM_IMAGES="${NUM_IMAGES:-500}"

@@ -184,6 +184,20 @@ def test_an_on_off_setting_of_the_device_scripts_means_the_same_in_each(value, m
     assert result.returncode == 0 and result.stdout == f"{meaning}\n"
 
 
+@pytest.mark.parametrize("script, existing, message", [("gpu_cascade.sh", "out/report.json", "already holds a report"),
+                                                       ("device_paths.sh", "out", "already exists"),
+                                                       ("budget_lr_cpu.sh", "out", "already exists")])
+def test_a_relative_path_given_to_a_benchmark_script_is_the_callers(script, existing, message, tmp_path):
+    """The scripts change into the checkout; a relative OUT must still mean the caller's folder."""
+    (tmp_path / "out").mkdir()
+    if existing != "out":
+        (tmp_path / existing).write_text("")
+    # budget_lr_cpu.sh takes OUT STAGE LR; the others read the extra arguments as MNIST_ROOT or not at all.
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / script), "out", "base", "1e-4"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"{tmp_path / 'out'}" in result.stderr and message in result.stderr
+
+
 @pytest.mark.parametrize("script", ["gpu_cascade.sh", "device_paths.sh"])
 def test_the_device_scripts_refuse_an_unknown_compile_setting_before_any_work(script, tmp_path):
     out = tmp_path / "out"

@@ -58,6 +58,7 @@ def bad_inputs(tmp_path_factory, trained, mnist_root):
     (root / "existing_out" / "metadata.json").write_text("{}")
     edited_checkpoint(trained / "sr", root / "sr_low8", lambda c: c["super_resolution"].update(low_res_size=8))
     edited_checkpoint(trained / "sr", root / "sr_wide", lambda c: c["unet"].update(base_channels=48))
+    edited_checkpoint(trained / "base", root / "scene_base", lambda c: c["data"].update(dataset="mnist_scenes"))
     corrupt = edited_checkpoint(trained / "base", root / "corrupt", lambda c: None)
     (latest_checkpoint(corrupt) / "ema.safetensors").write_bytes(b"\x00garbage")
     shutil.copytree(trained / "base", root / "base_run")  # a base run, resumed with the SR config below
@@ -238,7 +239,11 @@ def table(root: Path, trained: Path, mnist: Path):
         (P, ["--checkpoint", base, "--prompts", "1", "--device", "cuda:1", *out], "--device cuda:1: this machine has"),
         (P, ["--checkpoint", base, "--prompts", "1", "--device", "gpu", *out], "--device 'gpu': expected auto, cpu"),
         (E, ["--checkpoints", base, sr, "--mode", "cascade", "--stage", "0", *out], "picks the stage of sr mode"),
-        (E, ["--checkpoints", base, sr, "--mode", "scenes", "--num-images", "5", *out], "not mnist_scenes"),
+        (E, ["--checkpoints", base, sr, "--mode", "scenes", "--num-images", "5", *out], "not all on mnist_scenes"),
+        (E, ["--checkpoints", str(root / "scene_base"), sr, "--mode", "scenes", "--num-images", "5", *out],
+         "not all on mnist_scenes"),
+        (E, ["--checkpoints", str(root / "scene_base"), "--mode", "base", *out], "single-digit prompts measure"),
+        (P, ["--checkpoint", base, "--prompts", "1", "--inpaint-resample", "2", *out], "no --inpaint-images"),
         # Sizes that can never fit.
         (T, ["--config", cpu_base, *data, "--set", "training.batch_size=1000000000000", *train_out], "need at least"),
         (T, ["--config", cpu_base, *data, "--set", "unet.base_channels=1000000000", *train_out], "too large to build"),

@@ -117,6 +117,22 @@ def test_a_hugging_face_dataset_gives_the_same_shards_as_the_folder(sources, sha
     assert ambiguous.returncode == 2 and "--image-column and --text-column" in ambiguous.stderr
 
 
+def test_a_cascade_file_names_the_stages_and_a_prepared_folder_is_said_to_be_so(sources, shards, tmp_path):
+    cascade = sources["root"] / "cascade.yaml"
+    cascade.write_text("# both stages, as the shipped cascade files begin\nstages:\n  - base.yaml\n  - sr.yaml\n")
+    result = python("prepare_dataset.py", "--config", str(cascade), "--source", str(sources["folder"]),
+                    "--output", str(tmp_path / "from_cascade"), "--shard-size", "64")
+    assert result.returncode == 0, result.stderr
+    assert read_index(tmp_path / "from_cascade").resolutions == [16, 32]
+    times = {path: path.stat().st_mtime_ns for path in shards.glob("shard_*")}
+    again = prepare(sources, sources["folder"], shards)
+    assert again.returncode == 0 and again.stdout.startswith(f"already prepared: {shards} holds 200 items")
+    assert {path: path.stat().st_mtime_ns for path in shards.glob("shard_*")} == times
+    (tmp_path / "a_file").write_text("not a folder")
+    refused = prepare(sources, sources["folder"], tmp_path / "a_file")
+    assert refused.returncode == 2 and "--output " in refused.stderr and "is a file, not a folder" in refused.stderr
+
+
 def test_a_killed_preparation_resumes_without_duplicates(sources, tmp_path):
     output = tmp_path / "shards"
     command = [sys.executable, "prepare_dataset.py", "--config", str(sources["base"]), "--source",
