@@ -10,7 +10,9 @@ values and invalid YAML are refused with the file and the key path
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,16 @@ def _check_seed(value: int, key: str) -> None:
 
 
 # --------------------------------------------------------------------------- sections
+
+
+def misspelled_offline_t5(name: str) -> str | None:
+    """The offline T5 that ``name`` misspells ("tiny-scene", "Tiny"), or None. Loaded as a hub
+    id such a name spends a minute in download retries offline and then fails without ever
+    naming the intended encoder. Hub ids (with an owner) and existing folders are left alone."""
+    if name in TINY_T5_NAMES or "/" in name or os.path.isdir(os.path.expanduser(name)):
+        return None
+    matches = difflib.get_close_matches(name.strip().lower(), TINY_T5_NAMES, n=1, cutoff=0.75)
+    return matches[0] if matches else None
 
 
 @dataclass
@@ -62,6 +74,13 @@ class TextEncoderConfig:
 
     def validate(self) -> None:
         require(self.name.strip() != "", "name", "a Hugging Face T5 id, a local folder or 'tiny'")
+        offline_name = misspelled_offline_t5(self.name)
+        require(
+            offline_name is None,
+            "name",
+            f"an offline T5 ({', '.join(map(repr, TINY_T5_NAMES))}), a local folder or a Hugging Face id "
+            f"such as 'google/t5-v1_1-small' (did you mean {offline_name!r}?)",
+        )
         require(self.max_length >= 2, "max_length", "an integer >= 2 (room for a token and </s>)")
         require(
             re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,

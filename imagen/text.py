@@ -22,6 +22,7 @@ import torch
 
 from imagen.captions import DIGIT_WORDS, normalize_prompt, shorten
 from imagen.checkpoint import CheckpointError, load_tensors
+from imagen.config import misspelled_offline_t5
 from imagen.errors import ImagenError, PromptWarning
 from imagen.io import atomic_write, cache_root, resolve_device, to_host
 from imagen.text_pretraining import NUM_SENTINELS, pretrain_encoder
@@ -210,6 +211,13 @@ class T5TextEncoder:
                 f"The T5 text encoder folder {name!r} (text_encoder.name) does not exist. Set text_encoder.name "
                 "to a folder written by save_pretrained (config.json, weights and tokenizer files), a Hugging "
                 "Face T5 id, or tiny for a small random T5 built offline."
+            )
+        offline_name = misspelled_offline_t5(name)
+        if offline_name is not None:
+            raise TextEncoderError(
+                f"Unknown T5 text encoder {name!r} (text_encoder.name): did you mean {offline_name!r}? The "
+                f"offline T5s are {', '.join(map(repr, TINY_T5S))}; any other name is a local folder or a "
+                "Hugging Face id such as 'google/t5-v1_1-small'."
             )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)

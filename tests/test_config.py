@@ -130,6 +130,8 @@ INVALID = [
     ({"super_resolution": {"low_res_size": 16, "train_aug_range": [0.5, 0.2]}}, [],
      ["'super_resolution.train_aug_range'"]),
     ({"super_resolution": {"low_res_size": 16, "sample_aug_level": 2}}, [], ["'super_resolution.sample_aug_level'"]),
+    ({"text_encoder": {"name": "tiny-scene"}}, [], ["'text_encoder.name'", "did you mean 'tiny-scenes'?"]),
+    ({"text_encoder": {"name": "Tiny"}}, [], ["'text_encoder.name'", "did you mean 'tiny'?"]),
     ({"text_encoder": {"max_length": 1}}, [], ["'text_encoder.max_length'", ">= 2"]),
     ({"text_encoder": {"device": "gpu"}}, [], ["'text_encoder.device'", "'cuda:N'"]),
     ({"text_encoder": {"dtype": "fp16"}}, [], ["'text_encoder.dtype'", "'float16'"]),

@@ -21,6 +21,8 @@ def run(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
          "did you mean 'training.batch_size'"),
         (["train_base_mnist.py", "--config", "configs/mnist_cpu/base.yaml", "--set", "sampling.steps=0"],
          "'sampling.steps': expected a positive integer"),
+        (["train_base_mnist.py", "--config", "configs/mnist_cpu/base.yaml", "--set", "text_encoder.name=tiny-scene"],
+         "did you mean 'tiny-scenes'?"),
         (["train_base_mnist.py", "--config", "configs/mnist_cpu/sr.yaml"], "train it with train_sr_mnist.py"),
         (["train_sr_mnist.py", "--config", "configs/mnist_cpu/base.yaml"], "train it with train_base_mnist.py"),
         (["train_sr_mnist.py", "--config", "configs/mnist_cpu/sr.yaml", "--set", "super_resolution.low_res_size=64"],

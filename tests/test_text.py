@@ -1,6 +1,7 @@
 """T5 text encoding: the offline tiny T5, masks, truncation, errors and the embedding cache."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from imagen.captions import normalize_prompt
-from imagen.config import TextEncoderConfig
+from imagen.config import TextEncoderConfig, misspelled_offline_t5
 from imagen.text import (
     T5TextEncoder,
     TextEmbeddingCache,
@@ -133,6 +134,28 @@ def test_unreachable_hub_id_is_a_clear_error():
     assert "'google/t5-v1_1-not-a-model' (text_encoder.name)" in message
     assert "local folder" in message and "tiny" in message
     assert time.monotonic() - start < 30
+
+
+def test_misspelled_offline_name_is_refused_at_once_naming_the_intended_one():
+    start = time.monotonic()
+    with pytest.raises(TextEncoderError, match=r"'tiny-scenes-pretrain' \(text_encoder.name\): did you mean "
+                       r"'tiny-scenes-pretrained'\?"):
+        T5TextEncoder("tiny-scenes-pretrain")
+    assert time.monotonic() - start < 1
+
+
+@pytest.mark.parametrize("name", ["t5-small", "google/t5-v1_1-small", "tiny"])
+def test_hub_ids_and_offline_names_are_not_taken_for_misspellings(name):
+    assert misspelled_offline_t5(name) is None
+
+
+def test_a_folder_named_like_a_misspelling_is_loaded_as_a_folder(tiny_folder, tmp_path, monkeypatch):
+    shutil.copytree(tiny_folder, tmp_path / "tiny-scene")
+    monkeypatch.chdir(tmp_path)
+    assert misspelled_offline_t5("tiny-scene") is None
+    encoder = T5TextEncoder("tiny-scene", max_length=8, device="cpu")
+    reference = T5TextEncoder(str(tiny_folder), max_length=8, device="cpu")
+    assert torch.equal(encoder.encode(["3"]).embeddings, reference.encode(["3"]).embeddings)
 
 
 class CountingEncoder:
