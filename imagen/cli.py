@@ -82,32 +82,47 @@ def check_seed(seed: int, name: str = "--seed") -> None:
         raise ImagenError(f"{name} {seed}: expected a seed in 0..{MAX_SEED}.")
 
 
+# A prompt file with many odd prompts would bury the run's output in warnings.
+MAX_PROMPT_WARNINGS = 10
+
+
 def run_script(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main``; a user error prints ``error: <message>`` and returns exit code 2.
 
     With ``--debug`` the original traceback is shown instead. A :class:`PromptWarning` prints as
-    one line.
+    one line; after the first :data:`MAX_PROMPT_WARNINGS`, the rest are counted in one last line.
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
-    debug, python_format = "--debug" in arguments, warnings.formatwarning
+    debug, python_show = "--debug" in arguments, warnings.showwarning
+    prompt_warnings = 0
 
-    def one_line_prompt_warnings(message, category, *where) -> str:
+    def show_prompt_warnings_briefly(message, category, *where) -> None:
         """A prompt warning as one line (it names the prompt); any other keeps Python's format and origin."""
-        if issubclass(category, PromptWarning):
-            return f"warning: {message}\n"
-        return python_format(message, category, *where)
+        nonlocal prompt_warnings
+        if not issubclass(category, PromptWarning):
+            python_show(message, category, *where)
+            return
+        prompt_warnings += 1
+        if prompt_warnings <= MAX_PROMPT_WARNINGS:
+            print(f"warning: {message}", file=sys.stderr)
 
     if not debug:
-        warnings.formatwarning = one_line_prompt_warnings
+        warnings.showwarning = show_prompt_warnings_briefly
+    error = None
     try:
         main(arguments)
     except ImagenError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        error = exc
     finally:
-        warnings.formatwarning = python_format
+        warnings.showwarning = python_show
+    if prompt_warnings > MAX_PROMPT_WARNINGS:
+        print(f"warning: {prompt_warnings - MAX_PROMPT_WARNINGS} more prompt warnings not shown "
+              f"({prompt_warnings} in all; --debug shows every one).", file=sys.stderr)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,9 @@ import train_base_mnist
 import train_sr_mnist
 from imagen.cascade import Cascade, load_stage
 from imagen.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_tensors
-from imagen.cli import run_script
+from imagen.cli import MAX_PROMPT_WARNINGS, run_script
 from imagen.config import TextEncoderConfig, load_stage_config
-from imagen.errors import ImagenError
+from imagen.errors import ImagenError, PromptWarning
 from imagen.io import atomic_write, new_results, prepare_output
 from imagen.text import TextEmbeddingCache
 from imagen.trainer import Trainer, TrainingError
@@ -280,6 +281,29 @@ def test_results_that_fail_leave_no_folder_and_a_folder_that_cannot_be_made_is_r
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(ImagenError, match="dangling: cannot create the folder"):
         prepare_output(tmp_path / "dangling", ["x.txt"], overwrite=False)
+
+
+def test_prompt_warnings_are_one_line_each_and_past_the_cap_counted_in_one_line(capsys):
+    def many_odd_prompts(argv):
+        for index in range(MAX_PROMPT_WARNINGS + 5):
+            warnings.warn(f"prompt {index}: odd", PromptWarning)
+        warnings.warn("not about a prompt", UserWarning)
+        if argv:
+            raise ImagenError("bad argument")
+
+    with pytest.warns(UserWarning) as passed_on:
+        python_show = warnings.showwarning
+        assert run_script(many_odd_prompts, []) == 0
+        assert warnings.showwarning is python_show  # restored
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"warning: prompt {i}: odd" for i in range(MAX_PROMPT_WARNINGS)] + [
+        f"warning: 5 more prompt warnings not shown ({MAX_PROMPT_WARNINGS + 5} in all; --debug shows every one)."]
+    # Any other warning goes on to Python's own display.
+    assert [str(w.message) for w in passed_on] == ["not about a prompt"]
+    # A user error stays the last paragraph, after the count.
+    assert run_script(many_odd_prompts, ["x"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-2].startswith("warning: 5 more") and lines[-1] == "error: bad argument"
 
 
 def test_every_bad_input_exits_2_with_one_clear_message_and_loses_no_file(bad_inputs, trained, mnist_root, capsys,
