@@ -90,13 +90,41 @@ def per_stage(value: T | Sequence[T] | None, count: int, name: str) -> list[T | 
     return [value] * count
 
 
+def resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``images`` (B, C, H, W) at ``size`` x ``size``: antialiased bilinear when the size differs."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def inpainting_at(size: int, images: torch.Tensor, masks: torch.Tensor, resample: int) -> Inpainting:
     """What a stage of ``size`` keeps of ``images`` (B, C, H, W): the images resized to it
     (antialiased when shrinking), and every pixel whose share of the mask (1: draw) is
     below one half."""
-    images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     drawn = F.interpolate(masks.float(), size=(size, size), mode="area") >= 0.5
-    return Inpainting(images.clamp(-1.0, 1.0), (~drawn).float(), resample)
+    return Inpainting(resized(images.float(), size).clamp(-1.0, 1.0), (~drawn).float(), resample)
+
+
+def checked_images(images: torch.Tensor, name: str, count: int, channels: int, low: float = -1.0) -> torch.Tensor:
+    """``images`` as float (count, channels, H, W), or an error naming ``name`` and what was
+    expected: one image per prompt, the stage's channels, finite values in [low, 1]."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ImagenError(f"{name}: expected a tensor (N, C, H, W), got {got}.")
+    if images.shape[0] != count or images.shape[1] != channels:
+        raise ImagenError(
+            f"{name}: expected ({count}, {channels}, H, W), one image per prompt with {channels} channel(s), got "
+            f"{tuple(images.shape)} (images.expand({count}, -1, -1, -1) repeats one image)."
+        )
+    images = images.float()
+    if not torch.isfinite(images).all():
+        raise ImagenError(f"{name}: holds NaN or infinite values.")
+    smallest, largest = images.min().item(), images.max().item()
+    # A little slack for images resized with an overshooting filter; they are clamped below.
+    if smallest < low - 1e-3 or largest > 1.0 + 1e-3:
+        hint = " (x / 127.5 - 1 maps 8-bit pixels there)" if low < 0 else ""
+        raise ImagenError(f"{name}: expected values in [{low:g}, 1]{hint}, got [{smallest:g}, {largest:g}].")
+    return images.clamp(low, 1.0)
 
 
 @dataclass
@@ -149,17 +177,33 @@ class Cascade:
         """Images for ``prompts``. Every setting is one value for all stages or a list with one per
         stage; None keeps each stage's ``sampling`` defaults. The same seed, settings and batch
         size give identical images. ``low_res`` (N, C, h, w) feeds a chain that starts at a
-        super-resolution stage. ``init_images`` (N, C, H, W) at the base stage's size, with
-        ``strength`` in [0, 1], make the base stage edit them (image-to-image) rather than
-        sample from noise; the later stages run as usual. ``inpaint_images`` (N, C, H, W) and
-        ``inpaint_masks`` (N, 1, H, W), 1 where to draw, make every stage keep the rest of
-        the image, resized to its own size (RePaint; ``inpaint_resample`` repeats each step
-        with the ddpm sampler)."""
+        super-resolution stage. ``init_images`` (N, C, H, W), with ``strength`` in [0, 1], make
+        the base stage edit them (image-to-image) rather than sample from noise; the later
+        stages run as usual. ``inpaint_images`` (N, C, H, W) and ``inpaint_masks`` (N, 1, H, W),
+        1 where to draw, make every stage keep the rest of the image (RePaint;
+        ``inpaint_resample`` repeats each step with the ddpm sampler). Images are in [-1, 1],
+        one per prompt, on any device, and resized (antialiased bilinear) to the size their
+        stage takes; anything else is refused with an :class:`ImagenError`."""
         count = len(self.stages)
-        if (low_res is not None) != (self.stages[0].config.super_resolution is not None):
+        first_stage = self.stages[0].config
+        if (low_res is not None) != (first_stage.super_resolution is not None):
             raise ImagenError("low_res images are given exactly when the first stage is a super-resolution stage.")
         if init_images is not None and low_res is not None:
             raise ImagenError("image-to-image edits the base stage's images: give init_images or low_res, not both.")
+        if not 0.0 <= strength <= 1.0:
+            raise ImagenError(f"strength {strength}: expected a number in [0, 1] (how much of init_images to redraw).")
+        if (inpaint_images is None) != (inpaint_masks is None):
+            raise ImagenError("inpaint_images and inpaint_masks go together: the images and where to draw in them.")
+        channels = first_stage.unet.channels
+        if low_res is not None:
+            low_res = resized(checked_images(low_res, "low_res", len(prompts), channels),
+                              first_stage.super_resolution.low_res_size)
+        if init_images is not None:
+            init_images = resized(checked_images(init_images, "init_images", len(prompts), channels),
+                                  first_stage.unet.image_size).clamp(-1.0, 1.0)
+        if inpaint_images is not None:
+            inpaint_images = checked_images(inpaint_images, "inpaint_images", len(prompts), channels)
+            inpaint_masks = checked_images(inpaint_masks, "inpaint_masks", len(prompts), 1, low=0.0)
         guidance, steps, sampler = (per_stage(guidance, count, "guidance"), per_stage(steps, count, "steps"),
                                     per_stage(sampler, count, "sampler"))
         thresholding = per_stage(thresholding, count, "thresholding")
