@@ -286,8 +286,8 @@ def test_results_that_fail_leave_no_folder_and_a_folder_that_cannot_be_made_is_r
 def test_prompt_warnings_are_one_line_each_and_past_the_cap_counted_in_one_line(capsys):
     def many_odd_prompts(argv):
         for index in range(MAX_PROMPT_WARNINGS + 5):
-            warnings.warn(f"prompt {index}: odd", PromptWarning)
-        warnings.warn("not about a prompt", UserWarning)
+            warnings.warn(f"prompt {index}: odd", PromptWarning, stacklevel=2)
+        warnings.warn("not about a prompt", UserWarning, stacklevel=2)
         if argv:
             raise ImagenError("bad argument")
 
