@@ -117,6 +117,8 @@ def checked_images(images: torch.Tensor, name: str, count: int, channels: int, l
             f"{tuple(images.shape)} (images.expand({count}, -1, -1, -1) repeats one image)."
         )
     images = images.float()
+    if images.numel() == 0:
+        return images
     if not torch.isfinite(images).all():
         raise ImagenError(f"{name}: holds NaN or infinite values.")
     smallest, largest = images.min().item(), images.max().item()
