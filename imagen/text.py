@@ -188,6 +188,22 @@ def encoder_identity(name: str) -> str:
     return name
 
 
+def load_t5(source: str, dtype: torch.dtype):
+    """The tokenizer and T5 encoder of ``source``, a folder or a hub id. A hub id already in the
+    local Hugging Face cache loads from it without the network: offline, each of its files
+    would otherwise spend about half a minute in connection retries."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    def load(local_files_only: bool):
+        return (AutoTokenizer.from_pretrained(source, local_files_only=local_files_only),
+                T5EncoderModel.from_pretrained(source, local_files_only=local_files_only, dtype=dtype))
+
+    try:
+        return load(local_files_only=True)
+    except Exception:  # not (wholly) in the cache: download it
+        return load(local_files_only=False)
+
+
 class T5TextEncoder:
     """A frozen T5 encoder and its tokenizer.
 
@@ -200,8 +216,6 @@ class T5TextEncoder:
     """
 
     def __init__(self, name: str, max_length: int = 77, dtype: str = "float32", device: str = "auto"):
-        from transformers import AutoTokenizer, T5EncoderModel
-
         self.name = name
         self.max_length = max_length
         self.device = resolve_device(device, "text_encoder.device")
@@ -220,8 +234,7 @@ class T5TextEncoder:
                 "Hugging Face id such as 'google/t5-v1_1-small'."
             )
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = T5EncoderModel.from_pretrained(source, dtype=TORCH_DTYPES[dtype])
+            self.tokenizer, self.model = load_t5(source, TORCH_DTYPES[dtype])
         except Exception as exc:  # from_pretrained raises many types (OSError, ValueError, HTTP errors)
             reason = " ".join(str(exc).split())[:400].rstrip(".")
             raise TextEncoderError(

@@ -158,6 +158,37 @@ def test_a_folder_named_like_a_misspelling_is_loaded_as_a_folder(tiny_folder, tm
     assert torch.equal(encoder.encode(["3"]).embeddings, reference.encode(["3"]).embeddings)
 
 
+# Loads an encoder with the network on (HF_HUB_OFFLINE unset) but every connection refused;
+# prints how many were for model files (huggingface_hub's file_download.py, not its one-off
+# user-agent lookup in _detect_agent.py) and the embedding width.
+NETWORK_REFUSED = """
+import socket, sys, traceback
+attempts = []
+def refuse(*args, **kwargs):
+    files = [frame.filename for frame in traceback.extract_stack()]
+    if any(f.endswith("file_download.py") for f in files) and not any(f.endswith("_detect_agent.py") for f in files):
+        attempts.append(args)
+    raise OSError("network refused by the test")
+socket.getaddrinfo = socket.create_connection = socket.socket.connect = refuse
+from imagen.text import T5TextEncoder
+encoder = T5TextEncoder(sys.argv[1], device="cpu")
+print(len(attempts), encoder.dim)
+"""
+
+
+def test_a_hub_id_in_the_local_cache_loads_without_touching_the_network(tiny_folder, tmp_path):
+    # The Hugging Face cache layout: models--OWNER--NAME/{refs/main, snapshots/REVISION/...}.
+    cached = tmp_path / "hf" / "hub" / "models--acme--t5-tiny"
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(tiny_folder, cached / "snapshots" / "0123abcd")
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    result = subprocess.run([sys.executable, "-c", NETWORK_REFUSED, "acme/t5-tiny"], capture_output=True, text=True,
+                            env={**env, "HF_HOME": str(tmp_path / "hf")}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "128"]  # no file fetched; the tiny T5's width
+
+
 class CountingEncoder:
     """Wraps a real encoder and records which prompts it was asked to encode."""
 
