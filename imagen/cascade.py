@@ -35,6 +35,7 @@ from imagen.errors import ImagenError
 from imagen.io import resolve_device, seeded_generator
 from imagen.samplers import Inpainting
 from imagen.stage import Diffusion, build_diffusion, build_network, check_stage_settings, sample_stage
+from imagen.super_resolution import downsample
 from imagen.text import EncodedText, TextEmbeddingCache, check_text_probes, probe_embeddings
 
 T = TypeVar("T")
@@ -90,32 +91,33 @@ def per_stage(value: T | Sequence[T] | None, count: int, name: str) -> list[T | 
     return [value] * count
 
 
-def resized(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``images`` (B, C, H, W) at ``size`` x ``size``: antialiased bilinear when the size differs."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
 def inpainting_at(size: int, images: torch.Tensor, masks: torch.Tensor, resample: int) -> Inpainting:
     """What a stage of ``size`` keeps of ``images`` (B, C, H, W): the images resized to it
     (antialiased when shrinking), and every pixel whose share of the mask (1: draw) is
     below one half."""
+    images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     drawn = F.interpolate(masks.float(), size=(size, size), mode="area") >= 0.5
-    return Inpainting(resized(images.float(), size).clamp(-1.0, 1.0), (~drawn).float(), resample)
+    return Inpainting(images.clamp(-1.0, 1.0), (~drawn).float(), resample)
 
 
 def checked_images(images: torch.Tensor, name: str, count: int, channels: int, low: float = -1.0) -> torch.Tensor:
-    """``images`` as float (count, channels, H, W), or an error naming ``name`` and what was
-    expected: one image per prompt, the stage's channels, finite values in [low, 1]."""
+    """``images`` as float (count, channels, H, H), or an error naming ``name`` and what was
+    expected: square images, one per prompt, with ``channels``, finite values in [low, 1].
+    Images in [0, 1] where [-1, 1] is expected cannot be told apart and pass."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise ImagenError(f"{name}: expected a tensor (N, C, H, W), got {got}.")
-    if images.shape[0] != count or images.shape[1] != channels:
-        raise ImagenError(
-            f"{name}: expected ({count}, {channels}, H, W), one image per prompt with {channels} channel(s), got "
-            f"{tuple(images.shape)} (images.expand({count}, -1, -1, -1) repeats one image)."
-        )
+    number, got_channels, height, width = images.shape
+    if number != count:
+        hint = f" (images.expand({count}, -1, -1, -1) repeats one)" if number == 1 else ""
+        raise ImagenError(f"{name}: expected {count} images, one per prompt, got {number}{hint}.")
+    if got_channels != channels:
+        hint = {(3, 1): " (images.mean(1, keepdim=True) makes them grey)",
+                (1, 3): " (images.expand(-1, 3, -1, -1) makes them RGB)"}.get((got_channels, channels), "")
+        raise ImagenError(f"{name}: expected {channels} channel(s), got {got_channels}{hint}.")
+    if height != width:
+        raise ImagenError(f"{name}: expected square images, got {height}x{width}; crop them first "
+                          "(sample_imagen.py centre-crops image files).")
     images = images.float()
     if images.numel() == 0:
         return images
@@ -183,9 +185,10 @@ class Cascade:
         the base stage edit them (image-to-image) rather than sample from noise; the later
         stages run as usual. ``inpaint_images`` (N, C, H, W) and ``inpaint_masks`` (N, 1, H, W),
         1 where to draw, make every stage keep the rest of the image (RePaint;
-        ``inpaint_resample`` repeats each step with the ddpm sampler). Images are in [-1, 1],
-        one per prompt, on any device, and resized (antialiased bilinear) to the size their
-        stage takes; anything else is refused with an :class:`ImagenError`."""
+        ``inpaint_resample`` repeats each step with the ddpm sampler). Images are square, in
+        [-1, 1], one per prompt, on any device, and resized to the size their stage takes
+        (antialiased bicubic as in training; inpainting bilinear); anything else is refused
+        with an :class:`ImagenError`."""
         count = len(self.stages)
         first_stage = self.stages[0].config
         if (low_res is not None) != (first_stage.super_resolution is not None):
@@ -197,12 +200,15 @@ class Cascade:
         if (inpaint_images is None) != (inpaint_masks is None):
             raise ImagenError("inpaint_images and inpaint_masks go together: the images and where to draw in them.")
         channels = first_stage.unet.channels
+        # Resized as training makes low-res images (downsample, which enlarges too).
         if low_res is not None:
-            low_res = resized(checked_images(low_res, "low_res", len(prompts), channels),
-                              first_stage.super_resolution.low_res_size)
+            low_res = checked_images(low_res, "low_res", len(prompts), channels)
+            if low_res.shape[-1] != first_stage.super_resolution.low_res_size:
+                low_res = downsample(low_res, first_stage.super_resolution.low_res_size)
         if init_images is not None:
-            init_images = resized(checked_images(init_images, "init_images", len(prompts), channels),
-                                  first_stage.unet.image_size).clamp(-1.0, 1.0)
+            init_images = checked_images(init_images, "init_images", len(prompts), channels)
+            if init_images.shape[-1] != first_stage.unet.image_size:
+                init_images = downsample(init_images, first_stage.unet.image_size)
         if inpaint_images is not None:
             inpaint_images = checked_images(inpaint_images, "inpaint_images", len(prompts), channels)
             inpaint_masks = checked_images(inpaint_masks, "inpaint_masks", len(prompts), 1, low=0.0)

@@ -96,15 +96,15 @@ def run_script(main: Callable[[Sequence[str] | None], None], argv: Sequence[str]
     debug, python_show = "--debug" in arguments, warnings.showwarning
     prompt_warnings = 0
 
-    def show_prompt_warnings_briefly(message, category, *where) -> None:
+    def show_prompt_warnings_briefly(message, category, filename, lineno, file=None, line=None) -> None:
         """A prompt warning as one line (it names the prompt); any other keeps Python's format and origin."""
         nonlocal prompt_warnings
         if not issubclass(category, PromptWarning):
-            python_show(message, category, *where)
+            python_show(message, category, filename, lineno, file, line)
             return
         prompt_warnings += 1
         if prompt_warnings <= MAX_PROMPT_WARNINGS:
-            print(f"warning: {message}", file=sys.stderr)
+            print(f"warning: {message}", file=file or sys.stderr)
 
     if not debug:
         warnings.showwarning = show_prompt_warnings_briefly
@@ -115,11 +115,11 @@ def run_script(main: Callable[[Sequence[str] | None], None], argv: Sequence[str]
         if debug:
             raise
         error = exc
-    finally:
+    finally:  # the count is printed on a crash or Ctrl-C too
         warnings.showwarning = python_show
-    if prompt_warnings > MAX_PROMPT_WARNINGS:
-        print(f"warning: {prompt_warnings - MAX_PROMPT_WARNINGS} more prompt warnings not shown "
-              f"({prompt_warnings} in all; --debug shows every one).", file=sys.stderr)
+        if prompt_warnings > MAX_PROMPT_WARNINGS:
+            print(f"warning: {prompt_warnings - MAX_PROMPT_WARNINGS} more prompt warnings not shown "
+                  f"({prompt_warnings} in all; --debug shows every one).", file=sys.stderr)
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 2

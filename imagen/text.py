@@ -200,7 +200,7 @@ def load_t5(source: str, dtype: torch.dtype):
 
     try:
         return load(local_files_only=True)
-    except Exception:  # not (wholly) in the cache: download it
+    except OSError:  # not (wholly) in the cache: download it
         return load(local_files_only=False)
 
 
@@ -439,5 +439,6 @@ def check_text_probes(checkpoint: Path, name: str, current: EncodedText) -> None
             f"model: {difference}. The checkpoint would draw images for the wrong text. Use the encoder it was "
             f"trained with: for {name}, copy the training machine's {TINY_T5S.get(name, 'tiny-t5-v1')} folder from "
             "its $IMAGEN_CACHE_DIR (default ~/.cache/imagen-mnist) into this machine's, or install the transformers "
-            "and tokenizers versions that built it; for a Hugging Face T5, the same revision."
+            "and tokenizers versions that built it; for a Hugging Face T5, the same revision (a cached hub "
+            "model is loaded as cached: `hf download ID --revision REV` fetches another)."
         )

@@ -300,10 +300,18 @@ def test_prompt_warnings_are_one_line_each_and_past_the_cap_counted_in_one_line(
         f"warning: 5 more prompt warnings not shown ({MAX_PROMPT_WARNINGS + 5} in all; --debug shows every one)."]
     # Any other warning goes on to Python's own display.
     assert [str(w.message) for w in passed_on] == ["not about a prompt"]
-    # A user error stays the last paragraph, after the count.
+    # A user error stays the last paragraph, after the count; a crash still gets the count.
     assert run_script(many_odd_prompts, ["x"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines[-2].startswith("warning: 5 more") and lines[-1] == "error: bad argument"
+
+    def crash(argv):
+        many_odd_prompts([])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
+        run_script(crash, [])
+    assert capsys.readouterr().err.splitlines()[-1].startswith("warning: 5 more prompt warnings not shown")
 
 
 def test_every_bad_input_exits_2_with_one_clear_message_and_loses_no_file(bad_inputs, trained, mnist_root, capsys,
