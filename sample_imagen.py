@@ -112,20 +112,6 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def refuse_empty_prompts(prompts: list[str], cascade) -> None:
-    """A prompt the text encoder reads as nothing is a condition no stage was trained on (the
-    null condition of guidance is another), so it would quietly draw something arbitrary."""
-    from imagen.captions import normalize_prompt, shorten
-
-    for stage in cascade.stages:
-        mode = stage.config.text_encoder.normalize
-        for prompt in prompts:
-            if not normalize_prompt(prompt, mode).strip():
-                raise ImagenError(f"prompt {shorten(prompt)}: the text encoder reads it as empty (text_encoder."
-                                  f"normalize {mode} of {stage.checkpoint}), a condition no stage was trained on; "
-                                  "give words or numerals (--guidance 0 draws unconditional samples).")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_stage_sources(parser, "--checkpoint", action="append",
@@ -173,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     check_seed(args.seed)
     if args.strength is not None and not args.init_images:
         raise ImagenError(f"--strength {args.strength} says how much of --init-images to redraw, but none are given.")
-    strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    strength = (DEFAULT_STRENGTH if args.strength is None else args.strength) if args.init_images else 1.0
     if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
         raise ImagenError(f"--strength {strength}: expected a number in [0, 1].")
     if args.init_images and args.low_res:
@@ -196,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     import torch
 
-    from imagen.cascade import Cascade, per_stage
+    from imagen.cascade import Cascade, check_prompts, per_stage
     from imagen.data import read_image, to_model_images
     from imagen.io import atomic_write, new_results, prepare_output, resolve_device, save_png
     from imagen.run_folder import refuse_results_in_a_run
@@ -230,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         masks = read_per_prompt(args.inpaint_masks, "--inpaint-masks", len(images), 1, last.image_size)
         inpaint_images = images.repeat_interleave(args.num_per_prompt, dim=0)
         inpaint_masks = ((masks + 1) / 2).repeat_interleave(args.num_per_prompt, dim=0)  # 1: draw
-    refuse_empty_prompts(prompts, cascade)
+    check_prompts(prompts, cascade.stages)
     count = len(cascade.stages)
     # One value for all stages, or exactly one per stage (None: the stage's config decides).
     resolved = {name: per_stage(values, count, f"--{name}") for name, values in settings.items()}

@@ -11,6 +11,8 @@ stages that do not chain (size or channels) are refused before anything is sampl
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from imagen.captions import normalize_prompt, shorten
 from imagen.checkpoint import (
     CHECKPOINTS,
     STATE_FILE,
@@ -30,7 +33,8 @@ from imagen.checkpoint import (
     load_state,
     load_weights_strictly,
 )
-from imagen.config import StageConfig, check_stage_order, load_stage_config
+from imagen.config import MAX_SEED, StageConfig, check_stage_order, load_stage_config
+from imagen.diffusion import THRESHOLD_MODES
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, seeded_generator
 from imagen.samplers import Inpainting
@@ -131,6 +135,41 @@ def checked_images(images: torch.Tensor, name: str, count: int, channels: int, l
     return images.clamp(low, 1.0)
 
 
+def check_prompts(prompts: Sequence[str], stages: Sequence[Stage]) -> None:
+    """Refuse anything but a non-empty list of prompts, and a prompt a stage's text encoder reads
+    as nothing: that is a condition no stage was trained on (the null condition of guidance is
+    another), so it would quietly draw something arbitrary."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise ImagenError(f"prompts: expected a list of strings, got {shorten(str(prompts))} "
+                          f"({type(prompts).__name__}); one prompt is written [prompt].")
+    if not prompts:
+        raise ImagenError("prompts: expected at least one prompt, got an empty list.")
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise ImagenError(f"prompts: expected strings, got {prompt!r} ({type(prompt).__name__}).")
+    for stage in stages:
+        mode = stage.config.text_encoder.normalize
+        for prompt in prompts:
+            if not normalize_prompt(prompt, mode).strip():
+                raise ImagenError(f"prompt {shorten(prompt)}: the text encoder reads it as empty (text_encoder."
+                                  f"normalize {mode} of {stage.checkpoint}), a condition no stage was trained on; "
+                                  "give words or numerals (guidance 0 draws unconditional samples).")
+
+
+def check_number(value, name: str, low: float, high: float = math.inf, integer: bool = False,
+                 where: str = "") -> None:
+    """Refuse ``value`` of argument ``name`` (``where``: e.g. " (stage 1)") unless it is a finite
+    number (an integer if ``integer``) in [low, high]."""
+    kind = numbers.Integral if integer else numbers.Real
+    if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+            or not low <= value <= high):
+        if high == math.inf:
+            bounds = f">= {low:g}"
+        else:
+            bounds = f"in {low}..{high}" if integer else f"in [{low:g}, {high:g}]"
+        raise ImagenError(f"{name} {value!r}{where}: expected {'an integer' if integer else 'a number'} {bounds}.")
+
+
 @dataclass
 class CascadeOutput:
     images: torch.Tensor  # (N, C, H, W) in [-1, 1], the last stage's output
@@ -191,12 +230,21 @@ class Cascade:
         with an :class:`ImagenError`."""
         count = len(self.stages)
         first_stage = self.stages[0].config
+        check_prompts(prompts, self.stages)
+        check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        if batch_size is not None:
+            check_number(batch_size, "batch_size", 1, integer=True)
+        check_number(strength, "strength", 0.0, 1.0)
+        if strength != 1.0 and init_images is None:
+            raise ImagenError(f"strength {strength} says how much of init_images to redraw, but none are given.")
+        check_number(inpaint_resample, "inpaint_resample", 1, integer=True)
+        if inpaint_resample > 1 and inpaint_images is None:
+            raise ImagenError(f"inpaint_resample {inpaint_resample} repeats the steps of inpainting, but no "
+                              "inpaint_images are given.")
         if (low_res is not None) != (first_stage.super_resolution is not None):
             raise ImagenError("low_res images are given exactly when the first stage is a super-resolution stage.")
         if init_images is not None and low_res is not None:
             raise ImagenError("image-to-image edits the base stage's images: give init_images or low_res, not both.")
-        if not 0.0 <= strength <= 1.0:
-            raise ImagenError(f"strength {strength}: expected a number in [0, 1] (how much of init_images to redraw).")
         if (inpaint_images is None) != (inpaint_masks is None):
             raise ImagenError("inpaint_images and inpaint_masks go together: the images and where to draw in them.")
         channels = first_stage.unet.channels
@@ -215,9 +263,23 @@ class Cascade:
         guidance, steps, sampler = (per_stage(guidance, count, "guidance"), per_stage(steps, count, "steps"),
                                     per_stage(sampler, count, "sampler"))
         thresholding = per_stage(thresholding, count, "thresholding")
-        check_stage_settings([stage.config for stage in self.stages], sampler, steps)
         first = 0 if low_res is not None else 1  # the first stage that takes low_res
         aug_levels = [None] * first + per_stage(sample_aug_level, count - first, "sample_aug_level")
+        for index in range(count):
+            for name, values, low, high, integer in (("guidance", guidance, 0.0, math.inf, False),
+                                                     ("steps", steps, 1, math.inf, True),
+                                                     ("sample_aug_level", aug_levels, 0.0, 1.0, False)):
+                if values[index] is not None:
+                    check_number(values[index], name, low, high, integer, where=f" (stage {index})")
+            if thresholding[index] is not None and thresholding[index] not in THRESHOLD_MODES:
+                raise ImagenError(f"thresholding {thresholding[index]!r} (stage {index}): expected one of "
+                                  f"{', '.join(THRESHOLD_MODES)}.")
+        # As Python numbers: NumPy scalars pass the checks but not every torch call.
+        guidance, aug_levels = ([None if v is None else float(v) for v in values] for values in (guidance, aug_levels))
+        steps = [None if v is None else int(v) for v in steps]
+        seed, strength, inpaint_resample = int(seed), float(strength), int(inpaint_resample)
+        batch_size = None if batch_size is None else int(batch_size)
+        check_stage_settings([stage.config for stage in self.stages], sampler, steps)
         outputs: list[torch.Tensor] = [] if low_res is None else [low_res]
         for index, stage in enumerate(self.stages):
             text = self.encode(stage, prompts)

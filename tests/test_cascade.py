@@ -207,3 +207,33 @@ def test_python_image_inputs_are_resized_to_their_stage_and_bad_ones_refused(tra
             cascade.sample(["seven", "2"], steps=2, **arguments)
     with pytest.raises(ImagenError, match="low_res: expected 2 images, one per prompt, got 1"):
         chain.sample(["seven", "2"], steps=2, low_res=digits[:1])
+
+
+def test_python_sample_arguments_are_checked_before_anything_is_sampled(trained):
+    import numpy as np
+
+    cascade = Cascade.from_checkpoints([trained / "base", trained / "sr"], device="cpu")
+    bad = [
+        (("seven",), {}, r"prompts: expected a list of strings, got 'seven' \(str\); one prompt is written \[prompt\]"),
+        (([],), {}, "prompts: expected at least one prompt"),
+        (([7],), {}, r"prompts: expected strings, got 7 \(int\)"),
+        ((["!!!"],), {}, "prompt '!!!': the text encoder reads it as empty"),
+        ((["1"],), dict(steps=0), r"steps 0 \(stage 0\): expected an integer >= 1"),
+        ((["1"],), dict(steps=[2, 2.5]), r"steps 2.5 \(stage 1\): expected an integer >= 1"),
+        ((["1"],), dict(batch_size=0), "batch_size 0: expected an integer >= 1"),
+        ((["1"],), dict(guidance=float("nan")), r"guidance nan \(stage 0\): expected a number >= 0"),
+        ((["1"],), dict(guidance=[3.0, -1.0]), r"guidance -1.0 \(stage 1\): expected a number >= 0"),
+        ((["1"],), dict(seed=-1), "seed -1: expected an integer in 0..4294967295"),
+        ((["1"],), dict(seed=None), "seed None: expected an integer"),
+        ((["1"],), dict(sample_aug_level=2.0), r"sample_aug_level 2.0 \(stage 1\): expected a number in \[0, 1\]"),
+        ((["1"],), dict(strength=0.3), "strength 0.3 says how much of init_images to redraw, but none are given"),
+        ((["1"],), dict(inpaint_resample=0), "inpaint_resample 0: expected an integer >= 1"),
+        ((["1"],), dict(inpaint_resample=3), "inpaint_resample 3 repeats the steps of inpainting, but no"),
+        ((["1"],), dict(thresholding="dynamc"), r"thresholding .dynamc. \(stage 0\): expected one of none"),
+    ]
+    for arguments, settings, message in bad:
+        with pytest.raises(ImagenError, match=message):
+            cascade.sample(*arguments, **settings)
+    # NumPy scalars and tuples are numbers and prompts like any other.
+    out = cascade.sample(("1", "2"), guidance=np.float32(3.0), steps=np.int64(2), seed=np.int64(5))
+    assert out.images.shape == (2, 1, 32, 32)
