@@ -574,6 +574,14 @@ def config_to_yaml(config: Any) -> str:
     return to_yaml(config)
 
 
+def checked_config(config: StageConfig, source: str = "<config changed in code>") -> StageConfig:
+    """``config`` rebuilt and validated from scratch, exactly as a YAML file is: fields set in
+    code (``config.training.batch_size = -5``) are not checked on assignment. Raises
+    :class:`ConfigError` naming the key and what was expected."""
+    return stage_config_from_dict(config_to_dict(config), source)
+
+
 def save_config(config: StageConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically), loadable by :func:`load_stage_config`."""
-    atomic_write(path, config_to_yaml(config))
+    """Write the resolved config as YAML (atomically), loadable by :func:`load_stage_config`;
+    an invalid one is refused before anything is written."""
+    atomic_write(path, config_to_yaml(checked_config(config, f"{path} (being saved)")))

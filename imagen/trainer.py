@@ -36,7 +36,15 @@ from imagen.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from imagen.config import ConfigError, StageConfig, config_to_dict, config_to_yaml, load_stage_config, save_config
+from imagen.config import (
+    ConfigError,
+    StageConfig,
+    checked_config,
+    config_to_dict,
+    config_to_yaml,
+    load_stage_config,
+    save_config,
+)
 from imagen.data import MNISTScenesDataset, MNISTTextDataset, build_dataset
 from imagen.errors import ImagenError
 from imagen.io import resolve_device, resolve_mixed_precision, save_png, seeded_generator, to_device, to_host
@@ -177,16 +185,25 @@ def make_accelerator(config: StageConfig, run_dir: Path):
     from accelerate import Accelerator
 
     training = config.training
-    return Accelerator(
-        # Several processes without GPUs (accelerate launch on CPU machines) form a gloo group
-        # only when accelerate is told to use the CPU.
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
-        mixed_precision=resolve_mixed_precision(training.mixed_precision, resolve_device("auto")),
-        gradient_accumulation_steps=training.grad_accum_steps,
-        device_placement=False,
-        log_with="tensorboard" if training.tensorboard else None,
-        project_dir=str(run_dir),
-    )
+    try:
+        return Accelerator(
+            # Several processes without GPUs (accelerate launch on CPU machines) form a gloo group
+            # only when accelerate is told to use the CPU.
+            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+            mixed_precision=resolve_mixed_precision(training.mixed_precision, resolve_device("auto")),
+            gradient_accumulation_steps=training.grad_accum_steps,
+            device_placement=False,
+            log_with="tensorboard" if training.tensorboard else None,
+            project_dir=str(run_dir),
+        )
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+        raise TrainingError(
+            f"training.mixed_precision {training.mixed_precision}: this Python process already trained with another "
+            "precision, and accelerate keeps one per process. Train with the same precision, or restart the process "
+            "(in a notebook, the kernel) to change it."
+        ) from None
 
 
 class Trainer:
@@ -242,14 +259,16 @@ class Trainer:
         self.epoch = 0  # the dataset starts at epoch 0; MNIST redraws word/numeral prompts per epoch
 
     @classmethod
-    def from_config(cls, config: StageConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-                    device: torch.device | str | None = None) -> "Trainer":
-        """Everything a stage trains on, built from its config: a new run in ``run_dir``, or with
-        ``resume`` the run there continued from its latest checkpoint."""
+    def from_config(cls, config: StageConfig, run_dir: str | Path | None = None, resume: bool = False,
+                    overwrite: bool = False, device: torch.device | str | None = None) -> "Trainer":
+        """Everything a stage trains on, built from its config (validated again, for changes made
+        in code): a new run in ``run_dir`` (default ``training.output_dir``), or with ``resume``
+        the run there continued from its latest checkpoint."""
         from accelerate.utils import set_seed
 
         started = time.monotonic()  # training.max_minutes counts the setup too
-        run_dir = Path(run_dir)
+        config = checked_config(config)
+        run_dir = Path(config.training.output_dir if run_dir is None else run_dir)
         # Nothing in run_dir changes until the new run is built: an old run is replaced only then.
         resume_from = check_run_folder(run_dir, resume, overwrite)
         accelerator = make_accelerator(config, run_dir)

@@ -272,3 +272,23 @@ def test_configs_saved_by_earlier_versions_still_load():
     assert stage_config_from_dict({"diffusion": {"loss": "mse", "timesteps": 500}}).diffusion.timesteps == 500
     with pytest.raises(ConfigError, match="unknown key 'diffusion.loss'"):
         stage_config_from_dict({"diffusion": {"loss": "l1"}})
+
+
+def test_a_config_changed_in_code_is_checked_before_it_is_saved(tmp_path):
+    from imagen.config import checked_config
+
+    config = load_stage_config("configs/mnist_cpu/base.yaml")
+    assert checked_config(config) == config
+    for key, value, expected in (("batch_size", -5, "'training.batch_size'"),
+                                 ("lr", "fast", "'training.lr': expected a finite number")):
+        broken = load_stage_config("configs/mnist_cpu/base.yaml")
+        setattr(broken.training, key, value)
+        with pytest.raises(ConfigError, match=expected):
+            checked_config(broken)
+        with pytest.raises(ConfigError, match=r"bad.yaml \(being saved\)"):
+            save_config(broken, tmp_path / "bad.yaml")
+        assert not (tmp_path / "bad.yaml").exists()
+    broken = load_stage_config("configs/mnist_cpu/base.yaml")
+    broken.unet.channel_mults = "oops"
+    with pytest.raises(ConfigError, match="'unet.channel_mults'"):
+        checked_config(broken)

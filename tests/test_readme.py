@@ -1,6 +1,9 @@
 """The README's Python examples run as written, against trained stages and the real MNIST."""
 
 import re
+from pathlib import Path
+
+from imagen.checkpoint import list_checkpoints
 
 from conftest import REPO_ROOT
 
@@ -26,3 +29,6 @@ def test_every_python_example_in_the_readme_runs(trained, mnist_root, tmp_path, 
     assert out.images.min() >= -1 and out.images.max() <= 1
     assert text.embeddings.shape == (8, 16, 128) and text.mask.shape == (8, 16)
     assert not text.mask.all(dim=1).any()  # padding is masked
+    trained_here = Path("runs/notebook_base")
+    assert namespace["trainer"].step == 10 and (trained_here / "samples" / "step_00000010.png").is_file()
+    assert [p.name for p in list_checkpoints(trained_here)] == ["step_00000010"]

@@ -129,6 +129,41 @@ def test_non_finite_loss_stops_without_writing_a_checkpoint(tiny_stage, tmp_path
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
 
 
+def test_a_config_changed_in_code_is_validated_and_the_run_folder_defaults_to_output_dir(tiny_stage, tmp_path,
+                                                                                        monkeypatch):
+    from imagen.config import ConfigError
+
+    config = tiny_stage()
+    config.training.batch_size = -5
+    with pytest.raises(ConfigError, match=r"<config changed in code>: invalid value for 'training.batch_size'"):
+        Trainer.from_config(config, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    config = tiny_stage(max_steps=1)
+    config.training.output_dir = "runs/from_config"
+    monkeypatch.chdir(tmp_path)
+    Trainer.from_config(config).train()
+    assert [p.name for p in list_checkpoints(tmp_path / "runs" / "from_config")] == ["step_00000001"]
+
+
+def test_a_second_precision_in_one_process_is_a_clear_error(tmp_path):
+    # accelerate keeps one precision per process: a notebook that trains fp32, then bf16.
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from imagen.config import stage_config_from_dict\n"
+        "from imagen.trainer import TrainingError, make_accelerator\n"
+        "make_accelerator(stage_config_from_dict({}), Path(sys.argv[1]))\n"
+        "try:\n"
+        "    make_accelerator(stage_config_from_dict({'training': {'mixed_precision': 'bf16'}}), Path(sys.argv[1]))\n"
+        "except TrainingError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("training.mixed_precision bf16: this Python process already trained with another")
+    assert "restart the process" in result.stdout
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, "train_base_mnist.py", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
