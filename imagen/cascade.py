@@ -56,11 +56,14 @@ class Stage:
     diffusion: Diffusion
 
 
-def load_stage(path: str | Path, device: torch.device, weights: str = "ema") -> Stage:
+def load_stage(path: str | Path, device: torch.device | str = "auto", weights: str = "ema") -> Stage:
     """A stage from a run folder (its latest checkpoint) or from one ``checkpoints/step_N`` folder.
 
     ``weights``: ``ema`` (default) or ``model`` (the raw training weights).
     """
+    if weights not in ("ema", "model"):
+        raise ImagenError(f"weights {weights!r}: expected 'ema' (the averaged weights) or 'model' (the raw ones).")
+    device = resolve_device(device, "device")
     path = Path(path)
     step = re.fullmatch(r"step_(\d+)", path.name)
     if step and path.parent.name == CHECKPOINTS and not path.exists():  # step_1550 names step_00001550
@@ -190,7 +193,12 @@ class Cascade:
 
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | Path], device: str = "auto", weights: str = "ema") -> "Cascade":
-        target = resolve_device(device)
+        """The stages in ``paths`` (run or checkpoint folders), base first. A chain that starts at
+        a super-resolution stage is ``Cascade([load_stage(...)], super_resolution_first=True)``."""
+        if isinstance(paths, (str, Path)):
+            raise ImagenError(f"paths: expected a list of run folders, base stage first, got the single path "
+                              f"{str(paths)!r}; one stage is written [path].")
+        target = resolve_device(device, "device")
         return cls([load_stage(path, target, weights) for path in paths])
 
     @property

@@ -271,6 +271,9 @@ def parse_override(argument: str) -> tuple[str, Any]:
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict[str, str]:
     """Write each ``--set key.path=value`` into ``raw`` (in place); returns {key path: argument}."""
+    if isinstance(overrides, (str, dict)) or not isinstance(overrides, Sequence):
+        raise ConfigError(f"overrides: expected a list of 'key.path=value' strings, got {overrides!r} "
+                          f"({type(overrides).__name__}); one override is written ['key.path=value'].")
     applied = {}
     for argument in overrides:
         key, value = parse_override(argument)

@@ -237,3 +237,17 @@ def test_python_sample_arguments_are_checked_before_anything_is_sampled(trained)
     # NumPy scalars and tuples are numbers and prompts like any other.
     out = cascade.sample(("1", "2"), guidance=np.float32(3.0), steps=np.int64(2), seed=np.int64(5))
     assert out.images.shape == (2, 1, 32, 32)
+
+
+def test_python_loading_arguments_are_checked(trained):
+    from imagen.config import ConfigError, load_stage_config
+
+    with pytest.raises(ImagenError, match=r"paths: expected a list of run folders, .* one stage is written \[path\]"):
+        Cascade.from_checkpoints(str(trained / "base"))
+    with pytest.raises(ImagenError, match="weights 'emma': expected 'ema'"):
+        Cascade.from_checkpoints([trained / "base"], weights="emma")
+    with pytest.raises(ImagenError, match="device 'gpu': expected auto, cpu"):
+        load_stage(trained / "base", "gpu")
+    assert load_stage(trained / "base").network.training is False  # device defaults to auto
+    with pytest.raises(ConfigError, match=r"overrides: expected a list of 'key.path=value' strings, got 'training"):
+        load_stage_config("configs/mnist_cpu/base.yaml", "training.max_steps=3")
