@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from imagen.captions import DIGIT_WORDS
-from imagen.cascade import Cascade, Stage
+from imagen.cascade import Cascade, Stage, per_stage
 from imagen.classifier import ClassifierInfo, DigitClassifier, EvaluationError, classify
 from imagen.data import load_mnist, to_model_images
 
@@ -161,13 +161,21 @@ class Evaluator:
     ``sr`` feeds real test digits, shrunk to its input size, to super-resolution stage
     ``stage`` (default: the last one given); ``cascade`` samples every stage. The swept
     guidance weight applies to the evaluated stage (the base stage in cascade mode); other
-    stages keep ``guidance`` (one value per stage, None: config).
+    stages keep ``guidance``. ``guidance``, ``steps`` and ``sampler`` are one value for all
+    stages or one per stage given (None: each stage's config).
     """
 
     def __init__(self, stages: Sequence[Stage], mode: str, classifier: DigitClassifier, info: ClassifierInfo,
                  data_root: str | Path, num_images: int = 1000, *, stage: int | None = None, seed: int = 0,
                  guidance: Sequence[float | None] | None = None, steps: Sequence[int | None] | None = None,
                  sampler: Sequence[str | None] | None = None, batch_size: int | None = None, progress: bool = True):
+        if isinstance(stages, Cascade):
+            stages = stages.stages
+        if not all(isinstance(item, Stage) for item in stages):
+            raise EvaluationError("stages: expected loaded stages (imagen.cascade.load_stage, or a Cascade's "
+                                  f".stages), got {', '.join(sorted({type(item).__name__ for item in stages}))}.")
+        guidance, steps, sampler = (per_stage(values, len(stages), name) for values, name in
+                                    ((guidance, "guidance"), (steps, "steps"), (sampler, "sampler")))
         chosen = evaluated_stages(stages, mode, stage)
         self.mode, self.chosen = mode, chosen
         self.cascade = Cascade([stages[i] for i in chosen], super_resolution_first=mode == "sr")
@@ -177,7 +185,7 @@ class Evaluator:
         def pick(values):  # the evaluated stages' entries of a per-stage setting
             return None if values is None else [values[i] for i in chosen]
 
-        self.guidance, self.steps, self.sampler = (pick(guidance) or [None] * len(chosen), pick(steps), pick(sampler))
+        self.guidance, self.steps, self.sampler = pick(guidance), pick(steps), pick(sampler)
         last = self.cascade.stages[-1].config.unet
         self.reference = real_reference(classifier, data_root, last.image_size, last.channels, num_images, seed)
         self.low_res = None
@@ -205,6 +213,7 @@ class Evaluator:
         ``on_images(weight, images)`` sees every generated batch (to save sample grids).
         The balance needs guidance-0 samples: without 0 among ``weights`` they are drawn
         separately, unless ``unconditional`` is False (then the report's entry is None)."""
+        weights = [weights] if isinstance(weights, (int, float)) else list(weights)
         results = sweep(self, weights, on_images)
         balance = next((r for r in results if r["guidance"] == 0), None)
         if balance is None and unconditional:

@@ -17,6 +17,7 @@ from imagen.classifier import (
     save_classifier,
 )
 from imagen.data import MNISTTextDataset, to_model_images
+from imagen.errors import ImagenError
 from imagen.evaluation import (
     balanced_indices,
     best_tradeoff,
@@ -217,3 +218,20 @@ def test_evaluate_cli_rejects_bad_arguments(trained, tmp_path):
         result = python(*base, *extra)
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_the_evaluator_takes_settings_as_cascade_sample_does(trained, classifier, mnist_root):
+    from imagen.evaluation import Evaluator
+
+    network, info = classifier
+    cascade = Cascade.from_checkpoints([trained / "base", trained / "sr"], device="cpu")
+    # One value for all stages, a Cascade for its stages, and one weight for the sweep.
+    evaluator = Evaluator(cascade, "cascade", network, info, mnist_root, num_images=20, guidance=2.0, steps=2,
+                          progress=False)
+    report = evaluator.evaluate(3.0, unconditional=False)
+    assert [r["guidance"] for r in report["results"]] == [3.0]
+    assert [s["guidance"] for s in report["stages"]] == [2.0, 2.0] and [s["steps"] for s in report["stages"]] == [2, 2]
+    with pytest.raises(ImagenError, match="guidance: got 3 values for a cascade of 2 stages"):
+        Evaluator(cascade, "cascade", network, info, mnist_root, num_images=20, guidance=[1.0, 2.0, 3.0])
+    with pytest.raises(EvaluationError, match=r"stages: expected loaded stages .* got str"):
+        Evaluator([str(trained / "base")], "base", network, info, mnist_root, num_images=20)
