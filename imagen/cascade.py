@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
@@ -110,7 +111,7 @@ def inpainting_at(size: int, images: torch.Tensor, masks: torch.Tensor, resample
 def checked_images(images: torch.Tensor, name: str, count: int, channels: int, low: float = -1.0) -> torch.Tensor:
     """``images`` as float (count, channels, H, H), or an error naming ``name`` and what was
     expected: square images, one per prompt, with ``channels``, finite values in [low, 1].
-    Images in [0, 1] where [-1, 1] is expected cannot be told apart and pass."""
+    Images with no negative value where [-1, 1] is expected (likely [0, 1]) get a warning."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise ImagenError(f"{name}: expected a tensor (N, C, H, W), got {got}.")
@@ -135,6 +136,9 @@ def checked_images(images: torch.Tensor, name: str, count: int, channels: int, l
     if smallest < low - 1e-3 or largest > 1.0 + 1e-3:
         hint = " (x / 127.5 - 1 maps 8-bit pixels there)" if low < 0 else ""
         raise ImagenError(f"{name}: expected values in [{low:g}, 1]{hint}, got [{smallest:g}, {largest:g}].")
+    if low < 0 and smallest >= 0:  # most likely [0, 1] images, whose black would be drawn as mid-grey
+        warnings.warn(f"{name}: every value is in [0, 1], but images are in [-1, 1] (x * 2 - 1 maps [0, 1] "
+                      "there); a black of 0 is read as mid-grey.", stacklevel=3)
     return images.clamp(low, 1.0)
 
 

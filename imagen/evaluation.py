@@ -203,6 +203,12 @@ class Evaluator:
                                    progress=self.progress).images
 
     def score(self, images: torch.Tensor) -> dict:
+        """Prompt accuracy and FID of ``images`` (N, C, H, W), one per evaluation prompt, at the
+        evaluated resolution."""
+        expected = (len(self.prompts), self.reference.size)
+        if images.dim() != 4 or (images.shape[0], images.shape[-1]) != expected:
+            raise EvaluationError(f"images {tuple(images.shape)}: expected {expected[0]} images (one per evaluation "
+                                  f"prompt) of {expected[1]}x{expected[1]}, the resolution the reference is at.")
         predicted, features = classify(self.classifier, images)
         return {**prompt_accuracy(predicted, self.digits, self.numerals),
                 "fid": frechet_distance(features, self.reference.test_features),

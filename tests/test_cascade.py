@@ -205,6 +205,8 @@ def test_python_image_inputs_are_resized_to_their_stage_and_bad_ones_refused(tra
     for arguments, message in bad:
         with pytest.raises(ImagenError, match=message):
             cascade.sample(["seven", "2"], steps=2, **arguments)
+    with pytest.warns(UserWarning, match=r"init_images: every value is in \[0, 1\], but images are in \[-1, 1\]"):
+        cascade.sample(["seven", "2"], steps=2, init_images=(digits + 1) / 2, strength=0.5)
     with pytest.raises(ImagenError, match="low_res: expected 2 images, one per prompt, got 1"):
         chain.sample(["seven", "2"], steps=2, low_res=digits[:1])
 

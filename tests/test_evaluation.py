@@ -231,6 +231,8 @@ def test_the_evaluator_takes_settings_as_cascade_sample_does(trained, classifier
     report = evaluator.evaluate(3.0, unconditional=False)
     assert [r["guidance"] for r in report["results"]] == [3.0]
     assert [s["guidance"] for s in report["stages"]] == [2.0, 2.0] and [s["steps"] for s in report["stages"]] == [2, 2]
+    with pytest.raises(EvaluationError, match=r"images \(20, 1, 16, 16\): expected 20 images .* of 32x32"):
+        evaluator.score(torch.zeros(20, 1, 16, 16))  # the base stage's size, not the cascade's
     with pytest.raises(ImagenError, match="guidance: got 3 values for a cascade of 2 stages"):
         Evaluator(cascade, "cascade", network, info, mnist_root, num_images=20, guidance=[1.0, 2.0, 3.0])
     with pytest.raises(EvaluationError, match=r"stages: expected loaded stages .* got str"):
