@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from imagen import scenes
 from imagen.captions import digit_prompts
 from imagen.errors import ImagenError
-from imagen.io import to_device
+from imagen.io import remove_made_folders, to_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -54,6 +54,7 @@ def load_mnist(root: str | Path, split: str = "train", download: bool = False) -
     raw = Path(root) / "MNIST" / "raw"
     prefix = "train" if split == "train" else "t10k"
     files = f"{raw / prefix}-images-idx3-ubyte and {prefix}-labels-idx1-ubyte"
+    missing = [path for path in (raw, *raw.parents) if not path.exists()]  # a failed download leaves none behind
     try:
         mnist = MNIST(str(root), train=split == "train", download=download)
     except (AssertionError, ValueError, IndexError) as exc:  # what torchvision's idx reader raises on bad bytes
@@ -65,6 +66,7 @@ def load_mnist(root: str | Path, split: str = "train", download: bool = False) -
     except (RuntimeError, OSError) as exc:
         reason = " ".join(str(exc).split())[:300]
         if download:
+            remove_made_folders(raw, missing[-1] if missing else None)
             raise DataError(
                 f"data.root {str(root)!r} holds no MNIST {split} split and downloading it failed ({reason}). "
                 f"Without internet access, copy the four idx files (train-images-idx3-ubyte, "

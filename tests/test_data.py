@@ -1,5 +1,7 @@
 """Data: real MNIST digits with word/numeral prompts, and captioned image folders."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -94,6 +96,7 @@ def test_missing_mnist_is_downloaded_by_default_and_offline_the_error_names_the_
 
     def offline(self):
         attempts.append(self.root)
+        Path(self.raw_folder).mkdir(parents=True, exist_ok=True)  # as torchvision does before fetching
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error Name or service not known>")
 
     monkeypatch.setattr(MNIST, "download", offline)
@@ -103,6 +106,11 @@ def test_missing_mnist_is_downloaded_by_default_and_offline_the_error_names_the_
     assert attempts == [str(tmp_path)]
     assert "downloading it failed" in message and "Name or service not known" in message
     assert str(tmp_path / "MNIST" / "raw") in message and "--set data.root=../shared/data" in message
+    # The folders the failed download made are gone; folders that were there stay.
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataError):
+        build_dataset(DataConfig(root=str(tmp_path / "new" / "data")), 16, 1)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_to_model_images_converts_rgb_to_grey():
