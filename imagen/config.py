@@ -532,7 +532,9 @@ def check_stage_order(stages: Sequence[StageConfig], names: Sequence[str],
     if super_resolution_first and not stages[0].is_super_resolution:
         raise ConfigError(f"{names[0]}: expected a super-resolution stage (with a super_resolution section) first.")
     if stages[0].is_super_resolution and not super_resolution_first:
-        raise ConfigError(f"{names[0]}: the first cascade stage must be a base stage (no super_resolution section).")
+        raise ConfigError(f"{names[0]}: the first cascade stage must be a base stage (no super_resolution section); "
+                          "to start at a super-resolution stage, give its input images (sample_imagen.py --low-res, "
+                          "or Cascade(stages, super_resolution_first=True) from Python).")
     for index in range(1, len(stages)):
         previous, stage = stages[index - 1], stages[index]
         if stage.super_resolution is None:

@@ -146,6 +146,11 @@ def sample_stage(network: nn.Module, diffusion: Diffusion, config: StageConfig, 
     if config.super_resolution is not None:
         if low_res is None:
             raise ImagenError("a super-resolution stage samples from a low-resolution image: pass low_res.")
+        size, batch = config.super_resolution.low_res_size, len(text.mask)
+        if tuple(low_res.shape) != (batch, config.unet.channels, size, size):
+            raise ImagenError(f"low_res {tuple(low_res.shape)}: expected ({batch}, {config.unet.channels}, {size}, "
+                              f"{size}), one image per prompt at super_resolution.low_res_size "
+                              "(imagen.super_resolution.downsample resizes as training does).")
         level = config.super_resolution.sample_aug_level if aug_level is None else aug_level
         low_res = low_res.to(device)
         levels = torch.full((low_res.shape[0],), float(level), device=device)

@@ -253,3 +253,16 @@ def test_python_loading_arguments_are_checked(trained):
     assert load_stage(trained / "base").network.training is False  # device defaults to auto
     with pytest.raises(ConfigError, match=r"overrides: expected a list of 'key.path=value' strings, got 'training"):
         load_stage_config("configs/mnist_cpu/base.yaml", "training.max_steps=3")
+
+
+def test_sample_stage_names_a_low_res_of_the_wrong_shape(trained):
+    from imagen.stage import sample_stage
+
+    sr = load_stage(trained / "sr", "cpu")
+    text = Cascade([sr], super_resolution_first=True).encode(sr, ["1", "2", "3", "4"])
+    with pytest.raises(ImagenError, match=r"low_res \(4, 1, 8, 8\): expected \(4, 1, 16, 16\), one image per prompt"):
+        sample_stage(sr.network, sr.diffusion, sr.config, text, steps=2, low_res=torch.zeros(4, 1, 8, 8))
+    with pytest.raises(ImagenError, match=r"low_res \(2, 1, 16, 16\): expected \(4, 1, 16, 16\)"):
+        sample_stage(sr.network, sr.diffusion, sr.config, text, steps=2, low_res=torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ImagenError, match="super_resolution_first=True"):
+        Cascade([sr])
