@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 
 from imagen import scenes
-from imagen.cascade import Cascade, Stage
+from imagen.cascade import Cascade, Stage, per_stage
 from imagen.classifier import ClassifierInfo, DigitClassifier, EvaluationError, classify
 from imagen.data import MNISTScenesDataset
 from imagen.evaluation import classifier_record, stage_settings, sweep
@@ -91,21 +91,23 @@ class SceneEvaluator:
     """Samples canvases for scene captions through ``stages`` (base first) and scores them.
 
     The swept guidance weight applies to the base stage; later stages keep ``guidance``
-    (one value per stage, None: config). Same interface as :class:`imagen.evaluation.Evaluator`.
+    (one value for all stages or one per stage, None: config). Same interface as
+    :class:`imagen.evaluation.Evaluator`.
     """
 
     def __init__(self, stages: Sequence[Stage], classifier: DigitClassifier, info: ClassifierInfo,
                  data_root: str | Path, num_images: int = 500, *, seed: int = 0,
                  guidance: Sequence[float | None] | None = None, steps: Sequence[int | None] | None = None,
                  sampler: Sequence[str | None] | None = None, batch_size: int | None = None, progress: bool = True):
+        stages = stages.stages if isinstance(stages, Cascade) else stages
         self.mode, self.chosen = "scenes", list(range(len(stages)))
         self.cascade = Cascade(stages)
         self.classifier, self.info, self.seed = classifier, info, seed
         self.progress, self.batch_size = progress, batch_size
         self.specs = evaluation_specs(num_images, seed)
         self.prompts = [scenes.render(spec) for spec in self.specs]
-        self.guidance = list(guidance) if guidance is not None else [None] * len(stages)
-        self.steps, self.sampler = steps, sampler
+        self.guidance, self.steps, self.sampler = (per_stage(values, len(stages), name) for values, name in
+                                                   ((guidance, "guidance"), (steps, "steps"), (sampler, "sampler")))
         last = self.cascade.stages[-1].config.unet
         self.resolution = last.image_size
         test = MNISTScenesDataset(data_root, last.image_size, last.channels, split="test")
@@ -125,6 +127,7 @@ class SceneEvaluator:
         """The report: one result per weight and the best weight (the highest satisfaction of
         seen captions). ``unconditional`` is accepted for the CLI and unused: scenes have no
         class balance to measure."""
+        weights = [weights] if isinstance(weights, (int, float)) else list(weights)
         results = sweep(self, weights, on_images)
         best = max(results, key=lambda r: (r["seen_satisfaction"], -r["guidance"]))
         return {

@@ -196,6 +196,16 @@ def test_scene_stages_train_sample_free_text_and_evaluate(scene_runs, classifier
     bad = python("evaluate_imagen.py", "--checkpoints", base, "--data-root", str(mnist_root), "--num-images", "7",
                  "--output-dir", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "multiple of 5" in bad.stderr
+    # From Python: settings as one value for all stages, a Cascade for its stages, one weight.
+    from imagen.cascade import Cascade
+    from imagen.scene_evaluation import SceneEvaluator
+
+    network, info = classifier
+    evaluator = SceneEvaluator(Cascade.from_checkpoints([base, sr], device="cpu"), network, info, mnist_root,
+                               num_images=5, guidance=2.0, steps=2, progress=False)
+    report = evaluator.evaluate(3.0)
+    assert [r["guidance"] for r in report["results"]] == [3.0]
+    assert [s["guidance"] for s in report["stages"]] == [2.0, 2.0] and [s["steps"] for s in report["stages"]] == [2, 2]
 
 
 @pytest.mark.slow
