@@ -26,6 +26,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from imagen.cli import (
@@ -38,7 +39,7 @@ from imagen.cli import (
 )
 from imagen.config import SAMPLER_NAMES
 from imagen.diffusion import THRESHOLD_MODES
-from imagen.errors import ImagenError
+from imagen.errors import ImagenError, ImageRangeWarning
 
 
 def safe_name(prompt: str, limit: int = 40) -> str:
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         masks = read_per_prompt(args.inpaint_masks, "--inpaint-masks", len(images), 1, last.image_size)
         inpaint_images = images.repeat_interleave(args.num_per_prompt, dim=0)
         inpaint_masks = ((masks + 1) / 2).repeat_interleave(args.num_per_prompt, dim=0)  # 1: draw
-    check_prompts(prompts, cascade.stages)
+    check_prompts(prompts, cascade.stages, unconditional="--guidance 0")
     count = len(cascade.stages)
     # One value for all stages, or exactly one per stage (None: the stage's config decides).
     resolved = {name: per_stage(values, count, f"--{name}") for name, values in settings.items()}
@@ -229,10 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     refuse_results_in_a_run(output)
     prepare_output(output, OUTPUTS, args.overwrite)
     all_prompts = [prompt for prompt in prompts for _ in range(args.num_per_prompt)]
-    result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
-                            batch_size=args.batch_size, low_res=low_res, init_images=init_images,
-                            strength=strength, inpaint_images=inpaint_images, inpaint_masks=inpaint_masks,
-                            inpaint_resample=args.inpaint_resample, progress=True)
+    with warnings.catch_warnings():  # image files are converted to [-1, 1] above: a bright one is no mistake
+        warnings.simplefilter("ignore", ImageRangeWarning)
+        result = cascade.sample(all_prompts, **resolved, sample_aug_level=args.sample_aug_level, seed=args.seed,
+                                batch_size=args.batch_size, low_res=low_res, init_images=init_images,
+                                strength=strength, inpaint_images=inpaint_images, inpaint_masks=inpaint_masks,
+                                inpaint_resample=args.inpaint_resample, progress=True)
 
     columns = args.num_per_prompt if args.num_per_prompt > 1 else min(10, len(all_prompts))
     with new_results(output, OUTPUTS) as staging:  # they replace earlier ones once all are written

@@ -36,7 +36,7 @@ from imagen.checkpoint import (
 )
 from imagen.config import MAX_SEED, StageConfig, check_stage_order, load_stage_config
 from imagen.diffusion import THRESHOLD_MODES
-from imagen.errors import ImagenError
+from imagen.errors import ImagenError, ImageRangeWarning
 from imagen.io import resolve_device, seeded_generator
 from imagen.samplers import Inpainting
 from imagen.stage import Diffusion, build_diffusion, build_network, check_stage_settings, sample_stage
@@ -86,9 +86,17 @@ def load_stage(path: str | Path, device: torch.device | str = "auto", weights: s
     return Stage(checkpoint, state["step"], config, network.to(device).eval(), build_diffusion(config))
 
 
+def python_value(value):
+    """NumPy and torch values as Python ones: a scalar as a number, an array as a list."""
+    if hasattr(value, "tolist") and getattr(value, "ndim", None) is not None:
+        return value.tolist()
+    return value
+
+
 def per_stage(value: T | Sequence[T] | None, count: int, name: str) -> list[T | None]:
     """One setting per stage: None (each stage's default), a single value (or a list of one), or a
     list of ``count``."""
+    value = python_value(value)
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]
     if isinstance(value, (list, tuple)):
@@ -136,16 +144,19 @@ def checked_images(images: torch.Tensor, name: str, count: int, channels: int, l
     if smallest < low - 1e-3 or largest > 1.0 + 1e-3:
         hint = " (x / 127.5 - 1 maps 8-bit pixels there)" if low < 0 else ""
         raise ImagenError(f"{name}: expected values in [{low:g}, 1]{hint}, got [{smallest:g}, {largest:g}].")
-    if low < 0 and smallest >= 0:  # most likely [0, 1] images, whose black would be drawn as mid-grey
-        warnings.warn(f"{name}: every value is in [0, 1], but images are in [-1, 1] (x * 2 - 1 maps [0, 1] "
-                      "there); a black of 0 is read as mid-grey.", stacklevel=3)
+    if low < 0 and smallest >= 0:
+        # stacklevel: past Cascade.sample and torch.no_grad's wrapper, to the caller's line.
+        warnings.warn(f"{name}: no value is negative; if these are [0, 1] images, x * 2 - 1 maps them to the "
+                      "[-1, 1] expected (as they are, a black of 0 is read as mid-grey).", ImageRangeWarning,
+                      stacklevel=4)
     return images.clamp(low, 1.0)
 
 
-def check_prompts(prompts: Sequence[str], stages: Sequence[Stage]) -> None:
+def check_prompts(prompts: Sequence[str], stages: Sequence[Stage], unconditional: str = "guidance 0") -> None:
     """Refuse anything but a non-empty list of prompts, and a prompt a stage's text encoder reads
     as nothing: that is a condition no stage was trained on (the null condition of guidance is
-    another), so it would quietly draw something arbitrary."""
+    another, which ``unconditional`` says how to ask for), so it would quietly draw something
+    arbitrary."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ImagenError(f"prompts: expected a list of strings, got {shorten(str(prompts))} "
                           f"({type(prompts).__name__}); one prompt is written [prompt].")
@@ -160,7 +171,7 @@ def check_prompts(prompts: Sequence[str], stages: Sequence[Stage]) -> None:
             if not normalize_prompt(prompt, mode).strip():
                 raise ImagenError(f"prompt {shorten(prompt)}: the text encoder reads it as empty (text_encoder."
                                   f"normalize {mode} of {stage.checkpoint}), a condition no stage was trained on; "
-                                  "give words or numerals (guidance 0 draws unconditional samples).")
+                                  f"give words or numerals ({unconditional} draws unconditional samples).")
 
 
 def check_number(value, name: str, low: float, high: float = math.inf, integer: bool = False,
@@ -168,13 +179,14 @@ def check_number(value, name: str, low: float, high: float = math.inf, integer: 
     """Refuse ``value`` of argument ``name`` (``where``: e.g. " (stage 1)") unless it is a finite
     number (an integer if ``integer``) in [low, high]."""
     kind = numbers.Integral if integer else numbers.Real
-    if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
-            or not low <= value <= high):
+    if (isinstance(value, bool) or not isinstance(value, kind)
+            or not (isinstance(value, numbers.Integral) or math.isfinite(value)) or not low <= value <= high):
         if high == math.inf:
             bounds = f">= {low:g}"
         else:
             bounds = f"in {low}..{high}" if integer else f"in [{low:g}, {high:g}]"
-        raise ImagenError(f"{name} {value!r}{where}: expected {'an integer' if integer else 'a number'} {bounds}.")
+        got = "" if isinstance(value, numbers.Real) else f", got a {type(value).__name__}"
+        raise ImagenError(f"{name} {value!r}{where}: expected {'an integer' if integer else 'a number'} {bounds}{got}.")
 
 
 @dataclass
@@ -189,6 +201,10 @@ class Cascade:
     def __init__(self, stages: Sequence[Stage], super_resolution_first: bool = False):
         """``super_resolution_first``: the chain starts at a super-resolution stage and
         :meth:`sample` takes its ``low_res`` images (to evaluate SR stages on real inputs)."""
+        if stages and stages[0].config.is_super_resolution and not super_resolution_first:
+            raise ImagenError(f"{stages[0].checkpoint}: the first cascade stage must be a base stage (no "
+                              "super_resolution section); to start at a super-resolution stage, give its input "
+                              "images (sample_imagen.py --low-res, or Cascade(stages, super_resolution_first=True)).")
         check_stage_order([stage.config for stage in stages], [str(stage.checkpoint) for stage in stages],
                           super_resolution_first)
         self.stages = list(stages)
@@ -243,6 +259,7 @@ class Cascade:
         count = len(self.stages)
         first_stage = self.stages[0].config
         check_prompts(prompts, self.stages)
+        seed, batch_size, strength, inpaint_resample = map(python_value, (seed, batch_size, strength, inpaint_resample))
         check_number(seed, "seed", 0, MAX_SEED, integer=True)
         if batch_size is not None:
             check_number(batch_size, "batch_size", 1, integer=True)
@@ -292,6 +309,10 @@ class Cascade:
         seed, strength, inpaint_resample = int(seed), float(strength), int(inpaint_resample)
         batch_size = None if batch_size is None else int(batch_size)
         check_stage_settings([stage.config for stage in self.stages], sampler, steps)
+        samplers = [chosen or stage.config.sampling.sampler for chosen, stage in zip(sampler, self.stages)]
+        if inpaint_resample > 1 and set(samplers) != {"ddpm"}:
+            raise ImagenError(f"inpaint_resample {inpaint_resample} runs the ddpm formulation's ancestral sampler, but "
+                              f"the stages sample with {', '.join(samplers)}: pass sampler='ddpm' (ddpm stages only).")
         outputs: list[torch.Tensor] = [] if low_res is None else [low_res]
         for index, stage in enumerate(self.stages):
             text = self.encode(stage, prompts)

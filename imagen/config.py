@@ -532,9 +532,7 @@ def check_stage_order(stages: Sequence[StageConfig], names: Sequence[str],
     if super_resolution_first and not stages[0].is_super_resolution:
         raise ConfigError(f"{names[0]}: expected a super-resolution stage (with a super_resolution section) first.")
     if stages[0].is_super_resolution and not super_resolution_first:
-        raise ConfigError(f"{names[0]}: the first cascade stage must be a base stage (no super_resolution section); "
-                          "to start at a super-resolution stage, give its input images (sample_imagen.py --low-res, "
-                          "or Cascade(stages, super_resolution_first=True) from Python).")
+        raise ConfigError(f"{names[0]}: the first cascade stage must be a base stage (no super_resolution section).")
     for index in range(1, len(stages)):
         previous, stage = stages[index - 1], stages[index]
         if stage.super_resolution is None:
@@ -576,11 +574,22 @@ def config_to_yaml(config: Any) -> str:
     return to_yaml(config)
 
 
+def plain_values(value: Any) -> Any:
+    """``value`` as YAML would give it back: tuples as lists, NumPy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {key: plain_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # NumPy and torch scalars
+        return value.item()
+    return value
+
+
 def checked_config(config: StageConfig, source: str = "<config changed in code>") -> StageConfig:
     """``config`` rebuilt and validated from scratch, exactly as a YAML file is: fields set in
     code (``config.training.batch_size = -5``) are not checked on assignment. Raises
     :class:`ConfigError` naming the key and what was expected."""
-    return stage_config_from_dict(config_to_dict(config), source)
+    return stage_config_from_dict(plain_values(config_to_dict(config)), source)
 
 
 def save_config(config: StageConfig, path: str | Path) -> None:

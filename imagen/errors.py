@@ -13,3 +13,8 @@ class ImagenError(Exception):
 class PromptWarning(UserWarning):
     """A prompt the text encoder will not read whole: cut to its length, or with unknown text.
     Scripts print it as one line, without Python's file and line (see ``imagen.cli.run_script``)."""
+
+
+class ImageRangeWarning(UserWarning):
+    """Images given in [-1, 1] with no negative value: most likely [0, 1] images, whose black
+    would be read as mid-grey. The script, which converts image files itself, silences it."""

@@ -14,6 +14,7 @@ beside the floor: N training digits against the same test split, measured the sa
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +220,7 @@ class Evaluator:
         ``on_images(weight, images)`` sees every generated batch (to save sample grids).
         The balance needs guidance-0 samples: without 0 among ``weights`` they are drawn
         separately, unless ``unconditional`` is False (then the report's entry is None)."""
-        weights = [weights] if isinstance(weights, (int, float)) else list(weights)
+        weights = [weights] if isinstance(weights, numbers.Real) else list(weights)
         results = sweep(self, weights, on_images)
         balance = next((r for r in results if r["guidance"] == 0), None)
         if balance is None and unconditional:

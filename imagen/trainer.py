@@ -263,7 +263,8 @@ class Trainer:
                     overwrite: bool = False, device: torch.device | str | None = None) -> "Trainer":
         """Everything a stage trains on, built from its config (validated again, for changes made
         in code): a new run in ``run_dir`` (default ``training.output_dir``), or with ``resume``
-        the run there continued from its latest checkpoint."""
+        the run there continued from its latest checkpoint. The trainer keeps a validated copy:
+        later changes go to ``trainer.config``."""
         from accelerate.utils import set_seed
 
         started = time.monotonic()  # training.max_minutes counts the setup too
@@ -326,9 +327,10 @@ class Trainer:
         }
         if self.text_probes is not None:
             tensors["text_probes"] = dict(self.text_probes._asdict())
-        saved = save_checkpoint(folder, tensors, state, {CONFIG_FILE: config_to_yaml(self.config)},
-                                keep=self.config.training.keep_checkpoints)
-        save_config(self.config, self.run_dir / CONFIG_FILE)  # the run's config is its latest checkpoint's
+        config = checked_config(self.config, "trainer.config")  # a change made in code, refused before any write
+        saved = save_checkpoint(folder, tensors, state, {CONFIG_FILE: config_to_yaml(config)},
+                                keep=config.training.keep_checkpoints)
+        save_config(config, self.run_dir / CONFIG_FILE)  # the run's config is its latest checkpoint's
         return saved
 
     def resume(self, checkpoints: list[Path]) -> Path:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from imagen.cascade import Cascade, load_stage
 from imagen.checkpoint import latest_checkpoint
-from imagen.errors import ImagenError
+from imagen.errors import ImagenError, ImageRangeWarning
 
 from conftest import python
 
@@ -145,6 +145,11 @@ def test_image_to_image_edits_the_base_stage_and_runs_the_rest(trained, tmp_path
     bad = sample_cli(trained, "--prompts", "seven", "--init-images", str(tmp_path / "seven.png"), "--strength", "2",
                      "--output-dir", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "--strength 2.0: expected a number in [0, 1]" in bad.stderr
+    # A bright file is no [0, 1] mistake: the script converts files to [-1, 1] itself.
+    Image.new("L", (16, 16), 230).save(tmp_path / "bright.png")
+    bright = sample_cli(trained, "--prompts", "seven", "--init-images", str(tmp_path / "bright.png"), "--steps", "2",
+                        "--output-dir", str(tmp_path / "bright"))
+    assert bright.returncode == 0 and "no value is negative" not in bright.stderr, bright.stderr
 
 
 def test_inpainting_keeps_the_known_part_at_every_stage(trained, tmp_path, mnist_root):
@@ -205,8 +210,9 @@ def test_python_image_inputs_are_resized_to_their_stage_and_bad_ones_refused(tra
     for arguments, message in bad:
         with pytest.raises(ImagenError, match=message):
             cascade.sample(["seven", "2"], steps=2, **arguments)
-    with pytest.warns(UserWarning, match=r"init_images: every value is in \[0, 1\], but images are in \[-1, 1\]"):
+    with pytest.warns(ImageRangeWarning, match=r"init_images: no value is negative; if these are \[0, 1\]") as caught:
         cascade.sample(["seven", "2"], steps=2, init_images=(digits + 1) / 2, strength=0.5)
+    assert caught[0].filename == __file__  # the caller's line
     with pytest.raises(ImagenError, match="low_res: expected 2 images, one per prompt, got 1"):
         chain.sample(["seven", "2"], steps=2, low_res=digits[:1])
 
@@ -236,9 +242,15 @@ def test_python_sample_arguments_are_checked_before_anything_is_sampled(trained)
     for arguments, settings, message in bad:
         with pytest.raises(ImagenError, match=message):
             cascade.sample(*arguments, **settings)
-    # NumPy scalars and tuples are numbers and prompts like any other.
+    with pytest.raises(ImagenError, match=r"steps '2' \(stage 0\): expected an integer >= 1, got a str"):
+        cascade.sample(["1"], steps="2")
+    with pytest.raises(ImagenError, match="inpaint_resample 2 runs the ddpm formulation's ancestral sampler"):
+        cascade.sample(["1"], inpaint_images=torch.zeros(1, 1, 32, 32) - 1, inpaint_masks=torch.ones(1, 1, 32, 32),
+                       inpaint_resample=2, sampler="ddim")
+    # NumPy and torch scalars and arrays, and tuples, are numbers and prompts like any other.
     out = cascade.sample(("1", "2"), guidance=np.float32(3.0), steps=np.int64(2), seed=np.int64(5))
-    assert out.images.shape == (2, 1, 32, 32)
+    same = cascade.sample(["1", "2"], guidance=torch.tensor([3.0, 3.0]), steps=torch.tensor(2), seed=torch.tensor(5))
+    assert out.images.shape == (2, 1, 32, 32) and torch.equal(out.images, same.images)
 
 
 def test_python_loading_arguments_are_checked(trained):
@@ -264,5 +276,5 @@ def test_sample_stage_names_a_low_res_of_the_wrong_shape(trained):
         sample_stage(sr.network, sr.diffusion, sr.config, text, steps=2, low_res=torch.zeros(4, 1, 8, 8))
     with pytest.raises(ImagenError, match=r"low_res \(2, 1, 16, 16\): expected \(4, 1, 16, 16\)"):
         sample_stage(sr.network, sr.diffusion, sr.config, text, steps=2, low_res=torch.zeros(2, 1, 16, 16))
-    with pytest.raises(ImagenError, match="super_resolution_first=True"):
+    with pytest.raises(ImagenError, match=r"must be a base stage .* super_resolution_first=True"):
         Cascade([sr])

@@ -288,6 +288,17 @@ def test_a_config_changed_in_code_is_checked_before_it_is_saved(tmp_path):
         with pytest.raises(ConfigError, match=r"bad.yaml \(being saved\)"):
             save_config(broken, tmp_path / "bad.yaml")
         assert not (tmp_path / "bad.yaml").exists()
+    # Tuples and NumPy numbers set in code are what YAML gives back as lists and numbers.
+    import numpy as np
+
+    edited = load_stage_config("configs/mnist_cpu/base.yaml")
+    mults = list(edited.unet.channel_mults)
+    edited.training.adam_betas, edited.unet.channel_mults = (0.9, 0.99), tuple(mults)
+    edited.training.lr = np.float64(2e-4)
+    save_config(edited, tmp_path / "edited.yaml")
+    reloaded = load_stage_config(tmp_path / "edited.yaml")
+    assert reloaded.training.adam_betas == [0.9, 0.99] and reloaded.unet.channel_mults == mults
+    assert reloaded.training.lr == 2e-4 and type(reloaded.training.lr) is float
     broken = load_stage_config("configs/mnist_cpu/base.yaml")
     broken.unet.channel_mults = "oops"
     with pytest.raises(ConfigError, match="'unet.channel_mults'"):

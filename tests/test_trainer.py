@@ -152,7 +152,7 @@ def test_a_second_precision_in_one_process_is_a_clear_error(tmp_path):
         "from pathlib import Path\n"
         "from imagen.config import stage_config_from_dict\n"
         "from imagen.trainer import TrainingError, make_accelerator\n"
-        "make_accelerator(stage_config_from_dict({}), Path(sys.argv[1]))\n"
+        "make_accelerator(stage_config_from_dict({'training': {'mixed_precision': 'no'}}), Path(sys.argv[1]))\n"
         "try:\n"
         "    make_accelerator(stage_config_from_dict({'training': {'mixed_precision': 'bf16'}}), Path(sys.argv[1]))\n"
         "except TrainingError as error:\n"
