@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     import torch
 
-    from imagen.cascade import Cascade, check_prompts, per_stage
+    from imagen.cascade import Cascade, per_stage
     from imagen.data import read_image, to_model_images
+    from imagen.inputs import check_prompts
     from imagen.io import atomic_write, new_results, prepare_output, resolve_device, save_png
     from imagen.run_folder import refuse_results_in_a_run
     from imagen.stage import check_stage_settings

@@ -12,9 +12,7 @@ stages that do not chain (size or channels) are refused before anything is sampl
 from __future__ import annotations
 
 import math
-import numbers
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
@@ -24,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from imagen.captions import normalize_prompt, shorten
 from imagen.checkpoint import (
     CHECKPOINTS,
     STATE_FILE,
@@ -36,7 +33,8 @@ from imagen.checkpoint import (
 )
 from imagen.config import MAX_SEED, StageConfig, check_stage_order, load_stage_config
 from imagen.diffusion import THRESHOLD_MODES
-from imagen.errors import ImagenError, ImageRangeWarning
+from imagen.errors import ImagenError
+from imagen.inputs import check_number, check_prompts, checked_images, python_value
 from imagen.io import resolve_device, seeded_generator
 from imagen.samplers import Inpainting
 from imagen.stage import Diffusion, build_diffusion, build_network, check_stage_settings, sample_stage
@@ -86,13 +84,6 @@ def load_stage(path: str | Path, device: torch.device | str = "auto", weights: s
     return Stage(checkpoint, state["step"], config, network.to(device).eval(), build_diffusion(config))
 
 
-def python_value(value):
-    """NumPy and torch values as Python ones: a scalar as a number, an array as a list."""
-    if hasattr(value, "tolist") and getattr(value, "ndim", None) is not None:
-        return value.tolist()
-    return value
-
-
 def per_stage(value: T | Sequence[T] | None, count: int, name: str) -> list[T | None]:
     """One setting per stage: None (each stage's default), a single value (or a list of one), or a
     list of ``count``."""
@@ -114,79 +105,6 @@ def inpainting_at(size: int, images: torch.Tensor, masks: torch.Tensor, resample
     images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     drawn = F.interpolate(masks.float(), size=(size, size), mode="area") >= 0.5
     return Inpainting(images.clamp(-1.0, 1.0), (~drawn).float(), resample)
-
-
-def checked_images(images: torch.Tensor, name: str, count: int, channels: int, low: float = -1.0) -> torch.Tensor:
-    """``images`` as float (count, channels, H, H), or an error naming ``name`` and what was
-    expected: square images, one per prompt, with ``channels``, finite values in [low, 1].
-    Images with no negative value where [-1, 1] is expected (likely [0, 1]) get a warning."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ImagenError(f"{name}: expected a tensor (N, C, H, W), got {got}.")
-    number, got_channels, height, width = images.shape
-    if number != count:
-        hint = f" (images.expand({count}, -1, -1, -1) repeats one)" if number == 1 else ""
-        raise ImagenError(f"{name}: expected {count} images, one per prompt, got {number}{hint}.")
-    if got_channels != channels:
-        hint = {(3, 1): " (images.mean(1, keepdim=True) makes them grey)",
-                (1, 3): " (images.expand(-1, 3, -1, -1) makes them RGB)"}.get((got_channels, channels), "")
-        raise ImagenError(f"{name}: expected {channels} channel(s), got {got_channels}{hint}.")
-    if height != width:
-        raise ImagenError(f"{name}: expected square images, got {height}x{width}; crop them first "
-                          "(sample_imagen.py centre-crops image files).")
-    images = images.float()
-    if images.numel() == 0:
-        return images
-    if not torch.isfinite(images).all():
-        raise ImagenError(f"{name}: holds NaN or infinite values.")
-    smallest, largest = images.min().item(), images.max().item()
-    # A little slack for images resized with an overshooting filter; they are clamped below.
-    if smallest < low - 1e-3 or largest > 1.0 + 1e-3:
-        hint = " (x / 127.5 - 1 maps 8-bit pixels there)" if low < 0 else ""
-        raise ImagenError(f"{name}: expected values in [{low:g}, 1]{hint}, got [{smallest:g}, {largest:g}].")
-    if low < 0 and smallest >= 0:
-        # stacklevel: past Cascade.sample and torch.no_grad's wrapper, to the caller's line.
-        warnings.warn(f"{name}: no value is negative; if these are [0, 1] images, x * 2 - 1 maps them to the "
-                      "[-1, 1] expected (as they are, a black of 0 is read as mid-grey).", ImageRangeWarning,
-                      stacklevel=4)
-    return images.clamp(low, 1.0)
-
-
-def check_prompts(prompts: Sequence[str], stages: Sequence[Stage], unconditional: str = "guidance 0") -> None:
-    """Refuse anything but a non-empty list of prompts, and a prompt a stage's text encoder reads
-    as nothing: that is a condition no stage was trained on (the null condition of guidance is
-    another, which ``unconditional`` says how to ask for), so it would quietly draw something
-    arbitrary."""
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise ImagenError(f"prompts: expected a list of strings, got {shorten(str(prompts))} "
-                          f"({type(prompts).__name__}); one prompt is written [prompt].")
-    if not prompts:
-        raise ImagenError("prompts: expected at least one prompt, got an empty list.")
-    for prompt in prompts:
-        if not isinstance(prompt, str):
-            raise ImagenError(f"prompts: expected strings, got {prompt!r} ({type(prompt).__name__}).")
-    for stage in stages:
-        mode = stage.config.text_encoder.normalize
-        for prompt in prompts:
-            if not normalize_prompt(prompt, mode).strip():
-                raise ImagenError(f"prompt {shorten(prompt)}: the text encoder reads it as empty (text_encoder."
-                                  f"normalize {mode} of {stage.checkpoint}), a condition no stage was trained on; "
-                                  f"give words or numerals ({unconditional} draws unconditional samples).")
-
-
-def check_number(value, name: str, low: float, high: float = math.inf, integer: bool = False,
-                 where: str = "") -> None:
-    """Refuse ``value`` of argument ``name`` (``where``: e.g. " (stage 1)") unless it is a finite
-    number (an integer if ``integer``) in [low, high]."""
-    kind = numbers.Integral if integer else numbers.Real
-    if (isinstance(value, bool) or not isinstance(value, kind)
-            or not (isinstance(value, numbers.Integral) or math.isfinite(value)) or not low <= value <= high):
-        if high == math.inf:
-            bounds = f">= {low:g}"
-        else:
-            bounds = f"in {low}..{high}" if integer else f"in [{low:g}, {high:g}]"
-        got = "" if isinstance(value, numbers.Real) else f", got a {type(value).__name__}"
-        raise ImagenError(f"{name} {value!r}{where}: expected {'an integer' if integer else 'a number'} {bounds}{got}.")
 
 
 @dataclass
@@ -303,11 +221,9 @@ class Cascade:
             if thresholding[index] is not None and thresholding[index] not in THRESHOLD_MODES:
                 raise ImagenError(f"thresholding {thresholding[index]!r} (stage {index}): expected one of "
                                   f"{', '.join(THRESHOLD_MODES)}.")
-        # As Python numbers: NumPy scalars pass the checks but not every torch call.
+        # NumPy scalars inside a list pass the checks but not every torch call.
         guidance, aug_levels = ([None if v is None else float(v) for v in values] for values in (guidance, aug_levels))
         steps = [None if v is None else int(v) for v in steps]
-        seed, strength, inpaint_resample = int(seed), float(strength), int(inpaint_resample)
-        batch_size = None if batch_size is None else int(batch_size)
         check_stage_settings([stage.config for stage in self.stages], sampler, steps)
         samplers = [chosen or stage.config.sampling.sampler for chosen, stage in zip(sampler, self.stages)]
         if inpaint_resample > 1 and set(samplers) != {"ddpm"}:
