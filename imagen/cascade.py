@@ -119,12 +119,9 @@ class Cascade:
     def __init__(self, stages: Sequence[Stage], super_resolution_first: bool = False):
         """``super_resolution_first``: the chain starts at a super-resolution stage and
         :meth:`sample` takes its ``low_res`` images (to evaluate SR stages on real inputs)."""
-        if stages and stages[0].config.is_super_resolution and not super_resolution_first:
-            raise ImagenError(f"{stages[0].checkpoint}: the first cascade stage must be a base stage (no "
-                              "super_resolution section); to start at a super-resolution stage, give its input "
-                              "images (sample_imagen.py --low-res, or Cascade(stages, super_resolution_first=True)).")
         check_stage_order([stage.config for stage in stages], [str(stage.checkpoint) for stage in stages],
-                          super_resolution_first)
+                          super_resolution_first, start_hint="; to start at a super-resolution stage, give its input "
+                          "images (sample_imagen.py --low-res, or Cascade(stages, super_resolution_first=True))")
         self.stages = list(stages)
         self._text_caches: dict[tuple, TextEmbeddingCache] = {}
         self._checked: set[Path] = set()  # checkpoints whose text encoder was compared with this machine's

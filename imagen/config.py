@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
+from imagen.inputs import python_value
 from imagen.io import atomic_write
 from imagen.loader import ConfigError, build, read_yaml_file, require, to_dict, to_yaml
 
@@ -526,13 +527,14 @@ class LoadedCascade:
 
 
 def check_stage_order(stages: Sequence[StageConfig], names: Sequence[str],
-                      super_resolution_first: bool = False) -> None:
+                      super_resolution_first: bool = False, start_hint: str = "") -> None:
     """Each stage must take exactly what the previous one produces; the first is a base stage
-    unless ``super_resolution_first``."""
+    unless ``super_resolution_first`` (``start_hint``: how the caller may start at another)."""
     if super_resolution_first and not stages[0].is_super_resolution:
         raise ConfigError(f"{names[0]}: expected a super-resolution stage (with a super_resolution section) first.")
     if stages[0].is_super_resolution and not super_resolution_first:
-        raise ConfigError(f"{names[0]}: the first cascade stage must be a base stage (no super_resolution section).")
+        raise ConfigError(f"{names[0]}: the first cascade stage must be a base stage (no super_resolution "
+                          f"section){start_hint}.")
     for index in range(1, len(stages)):
         previous, stage = stages[index - 1], stages[index]
         if stage.super_resolution is None:
@@ -575,14 +577,12 @@ def config_to_yaml(config: Any) -> str:
 
 
 def plain_values(value: Any) -> Any:
-    """``value`` as YAML would give it back: tuples as lists, NumPy scalars as Python numbers."""
+    """``value`` as YAML would give it back: tuples as lists, NumPy and torch values as Python ones."""
     if isinstance(value, dict):
         return {key: plain_values(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain_values(item) for item in value]
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # NumPy and torch scalars
-        return value.item()
-    return value
+    return python_value(value)
 
 
 def checked_config(config: StageConfig, source: str = "<config changed in code>") -> StageConfig:

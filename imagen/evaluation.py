@@ -220,7 +220,6 @@ class Evaluator:
         ``on_images(weight, images)`` sees every generated batch (to save sample grids).
         The balance needs guidance-0 samples: without 0 among ``weights`` they are drawn
         separately, unless ``unconditional`` is False (then the report's entry is None)."""
-        weights = [weights] if isinstance(weights, numbers.Real) else list(weights)
         results = sweep(self, weights, on_images)
         balance = next((r for r in results if r["guidance"] == 0), None)
         if balance is None and unconditional:
@@ -243,7 +242,9 @@ class Evaluator:
 
 def sweep(evaluator, weights: Sequence[float], on_images=None) -> list[dict]:
     """For each guidance weight: the evaluator's images (``generate``), their scores (``score``)
-    and the seconds both took; ``on_images(weight, images)`` sees every set of images."""
+    and the seconds both took; ``on_images(weight, images)`` sees every set of images. One
+    weight may be given as a number."""
+    weights = [weights] if isinstance(weights, numbers.Real) else list(weights)
     results = []
     for weight in weights:
         start = time.perf_counter()

@@ -15,7 +15,6 @@ canvases from the MNIST test split give the evaluator's own ceiling.
 
 from __future__ import annotations
 
-import numbers
 from pathlib import Path
 from typing import Sequence
 
@@ -128,7 +127,6 @@ class SceneEvaluator:
         """The report: one result per weight and the best weight (the highest satisfaction of
         seen captions). ``unconditional`` is accepted for the CLI and unused: scenes have no
         class balance to measure."""
-        weights = [weights] if isinstance(weights, numbers.Real) else list(weights)
         results = sweep(self, weights, on_images)
         best = max(results, key=lambda r: (r["seen_satisfaction"], -r["guidance"]))
         return {
