@@ -20,7 +20,7 @@ from PIL import Image
 from imagen.cascade import Cascade
 from imagen.checkpoint import latest_checkpoint
 from imagen.config import config_to_dict, stage_config_from_dict
-from imagen.data import MNISTScenesDataset
+from imagen.data import MNISTScenesDataset, MNISTTextDataset
 from imagen.diffusion import GaussianDiffusion
 from imagen.evaluation import Evaluator
 from imagen.io import save_png, seeded_generator, to_device, to_host
@@ -145,6 +145,23 @@ def test_cascade_sampling_and_evaluation_on_another_device(trained, classifier, 
     result = report["results"][0]
     assert report["resolution"] == 32 and 0.0 <= result["prompt_accuracy"] <= 1.0
     assert all(value == value for value in (result["fid"], report["fid_floor"]))  # finite, not NaN
+
+
+@pytest.mark.parametrize("edit", ["image_to_image", "inpaint", "low_res"])
+def test_cascade_edits_images_given_on_the_host_on_another_device(trained, mnist_root, edit):
+    """Images passed to Cascade.sample are checked and resized on the host, then meet the device's samples."""
+    cascade = Cascade.from_checkpoints([trained / "base", trained / "sr"], device="meta")
+    digits = MNISTTextDataset(mnist_root, 32, split="test").get_batch([0, 1])[0]
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[..., 16:, :] = 1.0
+    if edit == "image_to_image":
+        out = cascade.sample(["seven", "2"], steps=2, init_images=digits, strength=0.5)
+    elif edit == "inpaint":
+        out = cascade.sample(["seven", "2"], steps=2, inpaint_images=digits, inpaint_masks=masks, sampler="ddpm",
+                             inpaint_resample=2)
+    else:
+        out = Cascade([cascade.stages[1]], super_resolution_first=True).sample(["seven", "2"], steps=2, low_res=digits)
+    assert all(stage.is_meta for stage in out.stages) and out.images.shape == (2, 1, 32, 32)
 
 
 def test_save_png_joins_rows_from_different_devices(tmp_path):
