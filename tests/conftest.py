@@ -10,11 +10,21 @@ from pathlib import Path
 # Before transformers is imported anywhere: never wait on the network in tests, and build
 # the tiny T5 into a throwaway cache instead of the user's home.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist each of the workers (one per core) runs its tests, and the scripts they
+# start, on one thread: workers of several threads each stall on one another's thread barriers.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("IMAGEN_CACHE_DIR", tempfile.mkdtemp(prefix="imagen-test-cache-"))
 
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first, so that the workers fill in around them with short ones rather than
+    one worker running a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
