@@ -277,8 +277,10 @@ def test_prompts_that_read_the_same_share_one_embedding_under_the_tiny_t5s_norma
     encoded = plain.encode(variants)
     assert all(torch.equal(encoded.embeddings[0], row) for row in encoded.embeddings[1:])
     raw = TextEmbeddingCache.from_config(TextEncoderConfig(name="tiny", max_length=8, device="cpu", normalize="none"))
+    # The training prompts are unchanged. Encoded alone, as the normalising cache encodes its one
+    # unique prompt: a batch of another size may round differently (it does on AVX-512 CPUs).
+    assert torch.equal(raw.encode(["seven"]).embeddings[0], encoded.embeddings[0])
     unnormalised = raw.encode(variants)
-    assert torch.equal(unnormalised.embeddings[0], encoded.embeddings[0])  # the training prompts are unchanged
     for index in (1, 2, 4, 5):  # without it, case and punctuation give other embeddings
         assert not torch.equal(unnormalised.embeddings[0], unnormalised.embeddings[index]), variants[index]
 
