@@ -14,6 +14,7 @@ import io
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -45,12 +46,25 @@ def resolve_device(device: str | torch.device, setting: str = "--device") -> tor
     return device
 
 
-def resolve_mixed_precision(setting: str, device: torch.device) -> str:
-    """A ``mixed_precision`` setting for ``device``: ``auto`` is bf16 on a CUDA GPU that
-    supports it, else ``no``; other settings stay."""
+def resolve_mixed_precision(setting: str, device: torch.device, key: str = "mixed_precision") -> str:
+    """The ``mixed_precision`` setting ``key`` for ``device``: ``auto`` is bf16 on a CUDA GPU
+    that supports it, else ``no``; other settings stay, with a warning for bf16 on a CPU that
+    would emulate it."""
+    if setting == "bf16" and device.type == "cpu" and not cpu_computes_bf16():
+        warnings.warn(
+            f"{key} bf16 on this CPU (PyTorch's CPU capability: {torch.backends.cpu.get_cpu_capability()}), "
+            "which has no bf16 arithmetic: a bf16 convolution ran 150x slower than in float32 on such a CPU. "
+            "Use auto (float32 on a CPU) or no.", stacklevel=2)
     if setting != "auto":
         return setting
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether PyTorch's oneDNN has bf16 kernels for this CPU (AVX-512 or Arm bf16); without
+    them a bf16 convolution is emulated. Assumed so where PyTorch cannot tell."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return probe is None or bool(probe())
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -115,8 +115,9 @@ def training_losses(network: Callable[..., torch.Tensor], diffusion: Diffusion, 
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a ``mixed_precision`` setting on ``device``; None: full precision."""
-    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_mixed_precision(setting, device)]
+    """The autocast dtype of a ``sampling.mixed_precision`` setting on ``device``; None: full precision."""
+    precision = resolve_mixed_precision(setting, device, key="sampling.mixed_precision")
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @torch.no_grad()

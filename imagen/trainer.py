@@ -190,7 +190,8 @@ def make_accelerator(config: StageConfig, run_dir: Path):
             # Several processes without GPUs (accelerate launch on CPU machines) form a gloo group
             # only when accelerate is told to use the CPU.
             cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
-            mixed_precision=resolve_mixed_precision(training.mixed_precision, resolve_device("auto")),
+            mixed_precision=resolve_mixed_precision(training.mixed_precision, resolve_device("auto"),
+                                                    key="training.mixed_precision"),
             gradient_accumulation_steps=training.grad_accum_steps,
             device_placement=False,
             log_with="tensorboard" if training.tensorboard else None,

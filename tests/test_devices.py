@@ -241,3 +241,25 @@ def test_sampling_in_bf16_runs_the_network_in_bf16_and_the_sampler_in_float32(ti
     assert images["bf16"].dtype == torch.float32
     difference = (images["bf16"] - images["no"]).abs()
     assert 0 < difference.mean() < 0.05  # bf16 rounding, not another image
+
+
+def test_bf16_on_a_cpu_that_would_emulate_it_is_warned_of_and_kept(monkeypatch):
+    import warnings
+
+    import imagen.io
+    from imagen.io import cpu_computes_bf16, resolve_mixed_precision
+    from imagen.stage import autocast_dtype
+
+    assert isinstance(cpu_computes_bf16(), bool)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(imagen.io, "cpu_computes_bf16", lambda: False)
+    with pytest.warns(UserWarning, match=r"training\.mixed_precision bf16 on this CPU .* Use auto"):
+        assert resolve_mixed_precision("bf16", cpu, key="training.mixed_precision") == "bf16"
+    with pytest.warns(UserWarning, match=r"sampling\.mixed_precision bf16 on this CPU"):
+        assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [resolve_mixed_precision(setting, cpu) for setting in ("auto", "no", "fp16")] == ["no", "no", "fp16"]
+        assert resolve_mixed_precision("bf16", META) == "bf16"  # not a CPU: its own kernels
+        monkeypatch.setattr(imagen.io, "cpu_computes_bf16", lambda: True)
+        assert resolve_mixed_precision("bf16", cpu) == "bf16"
