@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from imagen.data import load_mnist, to_model_images
 from imagen.errors import ImagenError
-from imagen.io import atomic_write, cache_root, to_host
+from imagen.io import atomic_write, cache_root, file_lock, to_host
 
 CLASSIFIER_SIZE = 28
 FEATURE_DIM = 128
@@ -209,10 +209,13 @@ def load_or_train_classifier(data_root: str | Path, device: str | torch.device =
     folder = Path(folder) if folder is not None else cache_root() / "classifier"
     train_size = len(load_mnist(data_root, "train")[1])
     stem = folder / f"{RECIPE}_n{train_size}_s{seed}"
-    if stem.with_suffix(".json").exists():
-        classifier, info = load_classifier(stem, device)
-    else:
-        classifier, info = train_classifier(data_root, seed=seed, device=device, progress=progress)
-        info = save_classifier(classifier, info, folder)
+    cached = stem.with_suffix(".json")
+    if not cached.exists():
+        # Processes that ask at once (evaluations side by side, test workers) train it once.
+        waiting = f"waiting for another process to finish training the classifier {stem}" if progress else None
+        with file_lock(stem.with_suffix(".lock"), waiting):
+            if not cached.exists():  # nor did another process while this one waited
+                save_classifier(*train_classifier(data_root, seed=seed, device=device, progress=progress), folder)
+    classifier, info = load_classifier(stem, device)
     check_accuracy(info)
     return classifier, info

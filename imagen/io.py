@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -109,6 +110,26 @@ def cache_root() -> Path:
     """Where built artefacts (the tiny T5, the classifier) live: ``$IMAGEN_CACHE_DIR`` or
     ``~/.cache/imagen-mnist``."""
     return Path(os.environ.get("IMAGEN_CACHE_DIR", Path.home() / ".cache" / "imagen-mnist"))
+
+
+@contextmanager
+def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """Holds an exclusive lock on the file ``path`` (created if missing) across processes;
+    ``waiting``, if given, is printed to stderr when another process holds it first."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting:
+            print(waiting, file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def umask_mode(mode: int) -> int:

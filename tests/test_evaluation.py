@@ -123,6 +123,38 @@ def test_a_weak_or_tampered_cached_classifier_is_refused(tmp_path, mnist_root):
         load_or_train_classifier(mnist_root, folder=tmp_path, progress=False)
 
 
+def test_processes_asking_at_once_train_the_classifier_once(tmp_path, mnist_root, monkeypatch, capsys):
+    import threading
+    import time
+
+    import imagen.classifier
+    from imagen.data import load_mnist
+
+    size = len(load_mnist(mnist_root, "train")[1])
+    trainings = []
+
+    def slow_training(data_root, seed, device, progress):  # long enough for the others to arrive
+        trainings.append(seed)
+        time.sleep(0.5)
+        return DigitClassifier(), ClassifierInfo(imagen.classifier.RECIPE, size, 10, seed, 0.995, 0.99)
+
+    monkeypatch.setattr(imagen.classifier, "train_classifier", slow_training)
+    results = []
+    askers = [threading.Thread(target=lambda: results.append(load_or_train_classifier(mnist_root, folder=tmp_path)))
+              for _ in range(3)]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join()
+    assert len(trainings) == 1 and len(results) == 3
+    assert len({info.sha256 for _, info in results}) == 1
+    first = results[0][0].state_dict()
+    assert all(torch.equal(first[key], model.state_dict()[key]) for model, _ in results[1:] for key in first)
+    assert "waiting for another process to finish training the classifier" in capsys.readouterr().err
+    load_or_train_classifier(mnist_root, folder=tmp_path)  # cached now: neither trained nor waited for
+    assert len(trainings) == 1 and capsys.readouterr().err == ""
+
+
 def test_the_classifier_passes_its_gate_and_reads_small_digits(classifier):
     model, info = classifier
     assert info.test_accuracy >= 0.975 and info.test_accuracy_16px >= 0.96
