@@ -23,8 +23,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_collection_modifyitems(items):
     """The slow tests first, so that the workers fill in around them with short ones rather than
-    one worker running a long test alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    one worker running a long test alone at the end; then those that use the classifier. Each
+    worker starts on its own contiguous share of this order, so the first trains the classifier
+    while the others run tests that do not wait for it."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "classifier" not in item.fixturenames))
 
 
 @pytest.fixture(scope="session")
