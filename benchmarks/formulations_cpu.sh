@@ -18,6 +18,7 @@
 # EDM_SAMPLER evaluates the edm runs with another sampler than their config's (heun, heun_stochastic).
 set -euo pipefail
 source "$(dirname "$0")/caller_paths.sh"
+source "$(dirname "$0")/run_flags.sh"
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then echo "usage: bash benchmarks/formulations_cpu.sh OUT SR_RUN [MNIST_ROOT]" >&2; exit 2; fi
 OUT=$(from_caller "$1")
@@ -56,8 +57,7 @@ print(load_stage_config(sys.argv[1]).sampling.sampler)" "$SR_RUN/config.yaml")"
     cascade_sampler=(--sampler "$EDM_SAMPLER,$sr_sampler")
   fi
   if [ ! -d "$run/checkpoints/$(printf 'step_%08d' "$STEPS")" ]; then
-    resume=()
-    if [ -d "$run/checkpoints" ]; then resume=(--resume); fi
+    read -r -a resume <<< "$(pick_up "$run")"
     python train_base_mnist.py --config "$config" --output-dir "$run" --set "data.root=$DATA" \
       --set "training.max_steps=$STEPS" --set "training.checkpoint_every=$EVERY" \
       --set "training.keep_checkpoints=$(( (STEPS + EVERY - 1) / EVERY ))" "${extra[@]}" "${resume[@]}"

@@ -19,9 +19,11 @@
 # seconds checks that first). A failure does not stop the sweep, so that the other numbers
 # still come, but the script then exits 1: no failure passes for a number.
 set -euo pipefail
+source "$(dirname "$0")/caller_paths.sh"
+cd "$(dirname "$0")/.."
 # bench_train.py imports imagen from this checkout: a lent GPU machine has it uninstalled.
-export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
-DATA="${1:-../shared/data}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DATA="$(from_caller "${1:-../shared/data}")"
 STEPS="${STEPS:-50}"
 WARMUP="${WARMUP:-10}"
 TIMEOUT="${TIMEOUT:-0}"
@@ -63,7 +65,7 @@ if ! [[ $TIMEOUT =~ ^[0-9]+$ ]]; then
   exit 2
 fi
 
-source "$(dirname "$0")/seconds_since.sh"
+source benchmarks/seconds_since.sh
 line() {  # line STAGE VARIANT WALL_S ERROR: one JSON line; bench_train.py's JSON on stdin when ERROR is empty
   python -c 'import json, sys
 stage, variant, wall, error = sys.argv[1:]

@@ -6,8 +6,9 @@
 #   bash benchmarks/quality_cpu.sh [OUTPUT_DIR] [MNIST_ROOT]
 #
 # OUTPUT_DIR (default runs/quality_cpu) receives base/, sr/, timings.txt and evaluation/
-# (report.json, sweep.csv, sweep.png, samples/). Running it again resumes whatever is unfinished;
-# a stage already at its last step is not retrained.
+# (report.json, sweep.csv, sweep.png, samples/). Running it again resumes whatever is unfinished
+# (a stage stopped before its first checkpoint starts anew); a stage already at its last step is
+# not retrained, and a finished evaluation is not repeated.
 #
 # The evaluation samples 500 images per guidance weight with 25-step ancestral sampling in both
 # stages, so the six-weight sweep fits in about half an hour on 2 cores (1,000 images with the
@@ -15,6 +16,7 @@
 # SAMPLER and SWEEP.
 set -euo pipefail
 source "$(dirname "$0")/caller_paths.sh"
+source "$(dirname "$0")/run_flags.sh"
 cd "$(dirname "$0")/.."
 OUT=$(from_caller "${1:-}")
 OUT="${OUT:-runs/quality_cpu}"
@@ -27,16 +29,20 @@ SAMPLER="${SAMPLER:-ddpm}"
 mkdir -p "$OUT"
 
 train() {  # train <script> <config> <run folder>
-  local resume=()
-  if [ -d "$3/checkpoints" ]; then resume=(--resume); fi
+  local flags
+  read -r -a flags <<< "$(pick_up "$3")"
   local start=$SECONDS
-  python "$1" --config "$2" --set "data.root=$DATA" --output-dir "$3" "${resume[@]}"
-  echo "$(basename "$3"): $((SECONDS - start)) s ${resume[*]}" | tee -a "$OUT/timings.txt"
+  python "$1" --config "$2" --set "data.root=$DATA" --output-dir "$3" "${flags[@]}"
+  echo "$(basename "$3"): $((SECONDS - start)) s ${flags[*]}" | tee -a "$OUT/timings.txt"
 }
 
 train train_base_mnist.py configs/mnist_cpu/base.yaml "$OUT/base"
 train train_sr_mnist.py configs/mnist_cpu/sr.yaml "$OUT/sr"
 
+if [ -f "$OUT/evaluation/report.json" ]; then
+  echo "evaluation: already done ($OUT/evaluation/report.json)"
+  exit 0
+fi
 start=$SECONDS
 python evaluate_imagen.py --mode cascade --checkpoints "$OUT/base" "$OUT/sr" --data-root "$DATA" \
   --num-images "$NUM_IMAGES" --steps "$STEPS" --sampler "$SAMPLER" --guidance-sweep "$SWEEP" \

@@ -20,6 +20,7 @@
 # what is finished and resumes an unfinished training.
 set -euo pipefail
 source "$(dirname "$0")/caller_paths.sh"
+source "$(dirname "$0")/run_flags.sh"
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then echo "usage: bash benchmarks/text_ablation.sh OUT SR_RUN [MNIST_ROOT]" >&2; exit 2; fi
 OUT=$(from_caller "$1")
@@ -52,8 +53,7 @@ for variant in $VARIANTS; do
   # shellcheck disable=SC2046  # the settings are words
   set -- $(settings "$variant")
   if [ ! -f "$run/evaluation/report.json" ]; then
-    resume=()
-    if [ -d "$run/checkpoints" ]; then resume=(--resume); fi
+    read -r -a resume <<< "$(pick_up "$run")"
     start=$SECONDS
     python train_base_mnist.py --config configs/mnist_scenes_cpu/base.yaml --output-dir "$run" \
       --set "data.root=$DATA" "${encoder[@]}" "$@" "${extra[@]}" "${resume[@]}"

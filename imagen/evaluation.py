@@ -257,7 +257,7 @@ def sweep(evaluator, weights: Sequence[float], on_images=None) -> list[dict]:
 
 def stage_settings(stages: Sequence[Stage], guidance: Sequence[float | None], steps: Sequence[int | None] | None,
                    sampler: Sequence[str | None] | None) -> list[dict]:
-    """What a report says of each sampled stage: checkpoint, step, size and the sampling
+    """What a report says of each sampled stage: checkpoint, step, image size and the sampling
     settings used (the given ones, else the stage's config)."""
     steps, sampler = steps or [None] * len(stages), sampler or [None] * len(stages)
     return [{"checkpoint": str(stage.checkpoint), "step": stage.step, "image_size": stage.config.unet.image_size,

@@ -221,14 +221,15 @@ def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything
         assert refused.returncode == 2 and message in refused.stderr and refused.stdout == ""
 
 
-def test_the_gpu_speed_script_reports_each_measurement_as_it_ends_and_goes_on_past_failures(mnist_root, uninstalled):
+def test_the_gpu_speed_script_reports_each_measurement_as_it_ends_and_goes_on_past_failures(mnist_root, uninstalled,
+                                                                                          tmp_path):
     """A lent GPU's call can be cut off or lack a compiler (and has imagen uninstalled): each
     variant's line must come as it ends, and a failing one must not cost the others their
-    numbers (nor pass for a number)."""
+    numbers (nor pass for a number). Started from another folder, its data path is read from there."""
     env = {**uninstalled, "STAGES": "base", "VARIANTS": "eager compile", "STEPS": "1", "WARMUP": "1", "BATCH": "2",
            "CXX": "/bin/false"}  # Inductor's CPU compiler: the probe finds none, as on a GPU machine without one
-    result = subprocess.run(["bash", "benchmarks/gpu.sh", str(mnist_root)], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=300, env=env)
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks/gpu.sh"), os.path.relpath(mnist_root, tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 1
     eager, compiled = (json.loads(line) for line in result.stdout.splitlines())
     assert eager["stage"] == "base" and eager["variant"] == "eager" and eager["image_size"] == 64
@@ -240,6 +241,23 @@ def test_the_gpu_speed_script_reports_each_measurement_as_it_ends_and_goes_on_pa
                          text=True, timeout=120, env={**env, "VARIANTS": "eager", "TIMEOUT": "1"})
     assert cut.returncode == 1
     assert json.loads(cut.stdout) == {"stage": "base", "variant": "eager", "error": "ran out of TIMEOUT=1 s"}
+
+
+def test_the_benchmarks_pick_up_a_run_where_it_stopped(tmp_path):
+    """Run again, the benchmarks that train resume a run with a complete checkpoint and restart one
+    killed before its first (config.yaml alone: --resume has nothing to continue, a plain start is
+    refused), which a checkpoints folder holding only a half-written one must not hide."""
+    unfinished, resumable = tmp_path / "unfinished", tmp_path / "resumable"
+    (unfinished / "checkpoints" / ".step_00000500").mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("unet: {}\n")
+    (resumable / "checkpoints" / "step_00000500").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    script = "source benchmarks/run_flags.sh; for run in \"$@\"; do echo \"[$(pick_up \"$run\")]\"; done"
+    folders = [tmp_path / name for name in ("missing", "empty", "unfinished", "resumable")]
+    result = subprocess.run(["bash", "-c", script, "pick_up", *map(str, folders)], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "[]", "[--overwrite]", "[--resume]"]
 
 
 def test_the_budget_stand_in_script_refuses_a_bad_stage_or_an_existing_folder(tmp_path):
