@@ -128,17 +128,25 @@ def test_processes_asking_at_once_train_the_classifier_once(tmp_path, mnist_root
     import time
 
     import imagen.classifier
+    import imagen.io
     from imagen.data import load_mnist
 
     size = len(load_mnist(mnist_root, "train")[1])
-    trainings = []
+    trainings, waits = [], []
 
-    def slow_training(data_root, seed, device, progress):  # long enough for the others to arrive
+    def counting_print(*args, **kwargs):  # file_lock's waiting message, counted as it is printed
+        waits.append(args)
+        print(*args, **kwargs)
+
+    def slow_training(data_root, seed, device, progress):  # until both others wait on the lock
         trainings.append(seed)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while len(waits) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         return DigitClassifier(), ClassifierInfo(imagen.classifier.RECIPE, size, 10, seed, 0.995, 0.99)
 
     monkeypatch.setattr(imagen.classifier, "train_classifier", slow_training)
+    monkeypatch.setattr(imagen.io, "print", counting_print, raising=False)
     results = []
     askers = [threading.Thread(target=lambda: results.append(load_or_train_classifier(mnist_root, folder=tmp_path)))
               for _ in range(3)]
@@ -146,7 +154,7 @@ def test_processes_asking_at_once_train_the_classifier_once(tmp_path, mnist_root
         asker.start()
     for asker in askers:
         asker.join()
-    assert len(trainings) == 1 and len(results) == 3
+    assert len(trainings) == 1 and len(results) == 3 and len(waits) == 2
     assert len({info.sha256 for _, info in results}) == 1
     first = results[0][0].state_dict()
     assert all(torch.equal(first[key], model.state_dict()[key]) for model, _ in results[1:] for key in first)

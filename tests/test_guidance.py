@@ -58,7 +58,8 @@ def test_guidance_extrapolates_linearly_from_one_batched_forward():
     conditional, unconditional = separate_predictions(x, t, cond)
     network = ToyNetwork()
     guided = ClassifierFreeGuidance(network, 5.0)(x, t, **cond)
-    torch.testing.assert_close(guided, 5 * conditional - 4 * unconditional, rtol=0, atol=1e-6)
+    # One forward of the doubled batch against two of half size: equal up to float32 rounding.
+    torch.testing.assert_close(guided, 5 * conditional - 4 * unconditional)
 
     (call,) = network.calls
     assert torch.equal(call["drop_text"], torch.tensor([False] * 3 + [True] * 3))

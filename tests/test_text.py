@@ -44,7 +44,10 @@ def test_tiny_t5_reloaded_through_from_pretrained_gives_identical_embeddings(tin
     loaded = encoder.encode(PROMPTS)
     mask = batch["attention_mask"].bool()
     assert torch.equal(loaded.mask, mask)
-    assert torch.equal(loaded.embeddings[mask], direct[mask])
+    built, reloaded = model.state_dict(), encoder.model.state_dict()
+    assert reloaded.keys() == built.keys() and all(torch.equal(reloaded[name], built[name]) for name in built)
+    # The same weights; the attention kernel from_pretrained picks may round otherwise.
+    torch.testing.assert_close(loaded.embeddings[mask], direct[mask], rtol=1e-5, atol=1e-6)
     # The files are what from_pretrained reads for a real T5.
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in tiny_folder.iterdir()
@@ -136,12 +139,11 @@ def test_unreachable_hub_id_is_a_clear_error():
     assert time.monotonic() - start < 30
 
 
-def test_misspelled_offline_name_is_refused_at_once_naming_the_intended_one():
-    start = time.monotonic()
+def test_misspelled_offline_name_is_refused_at_once_naming_the_intended_one(monkeypatch):
+    monkeypatch.setattr("imagen.text.load_t5", lambda *args: pytest.fail("a misspelled name must not reach the hub"))
     with pytest.raises(TextEncoderError, match=r"'tiny-scenes-pretrain' \(text_encoder.name\): did you mean "
                        r"'tiny-scenes-pretrained'\?"):
         T5TextEncoder("tiny-scenes-pretrain")
-    assert time.monotonic() - start < 1
 
 
 @pytest.mark.parametrize("name", ["t5-small", "google/t5-v1_1-small", "tiny"])
@@ -205,11 +207,12 @@ def test_cache_serves_identical_tensors_and_encodes_each_prompt_once(encoder, tm
     counting = CountingEncoder(encoder)
     loads = []
     cache = TextEmbeddingCache(lambda: loads.append(1) or counting, "tiny-test", max_length=24)
-    batch = ["seven", "7", "seven", "", "7", "three"]
-    cached = cache.encode(batch)
-    direct = encoder.encode(batch)
-    assert torch.equal(cached.mask, direct.mask)
-    assert torch.equal(cached.embeddings, direct.embeddings)
+    cached = cache.encode(["seven", "7", "seven", "", "7", "three"])
+    # The cache encodes the unique prompts as one batch; a batch of another size may round differently.
+    direct = encoder.encode(["seven", "7", "", "three"])
+    rows = [0, 1, 0, 2, 1, 3]
+    assert torch.equal(cached.mask, direct.mask[rows])
+    assert torch.equal(cached.embeddings, direct.embeddings[rows])
     cache.encode(["three", "seven"] * 10)
     assert sorted(counting.calls) == sorted(["seven", "7", "", "three"])
     assert loads == [1]  # the encoder is loaded once, lazily

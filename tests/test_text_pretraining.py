@@ -74,8 +74,9 @@ def test_pretraining_learns_the_grammar_and_is_deterministic():
     corpus = [f"a {a} left of a {b}" for a in range(10) for b in range(10)]
     first, losses = pretrain_encoder(tokenizer, _small_encoder(tokenizer), corpus, steps=60, batch_size=32)
     second, _ = pretrain_encoder(tokenizer, _small_encoder(tokenizer), corpus, steps=60, batch_size=32)
-    # The template words are predictable, the digits are not: the loss falls far from ln(vocab).
-    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:3]) / 3
+    # The template words are predictable, the digits are not: the loss falls far from ln(vocab)
+    # (to 0.44-0.46 of its start over seeds 0-3; a version of torch may move that a little).
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:3]) / 3
     assert not first.training
     for name, weight in first.state_dict().items():
         assert torch.equal(weight, second.state_dict()[name]), name
