@@ -36,7 +36,7 @@ def encoder(tiny_folder) -> T5TextEncoder:
     return T5TextEncoder(str(tiny_folder), max_length=24, device="cpu")
 
 
-def test_tiny_t5_reloaded_through_from_pretrained_gives_identical_embeddings(tiny_folder, encoder):
+def test_tiny_t5_reloaded_through_from_pretrained_has_the_built_weights_and_embeddings(tiny_folder, encoder):
     tokenizer, model = make_tiny_t5()
     batch = tokenizer(PROMPTS, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
     with torch.no_grad():
