@@ -87,11 +87,13 @@ class EMA:
     @torch.no_grad()
     def update(self, network: nn.Module, step: int) -> None:
         """ema <- d * ema + (1 - d) * weights; buffers are copied."""
-        weight = 1.0 - self.decay_at(step)
-        for averaged, current in zip(self.network.parameters(), network.parameters()):
-            averaged.lerp_(current.detach().float(), weight)
-        for averaged, current in zip(self.network.buffers(), network.buffers()):
-            averaged.copy_(current)
+        # One multi-tensor kernel per group, not two launches per tensor: a GPU step of a 500-tensor
+        # U-Net otherwise spends milliseconds launching the average.
+        averaged = list(self.network.parameters())
+        torch._foreach_lerp_(averaged, [p.detach().float() for p in network.parameters()], 1.0 - self.decay_at(step))
+        buffers = list(self.network.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(network.buffers()))
 
 
 def build_optimizer(network: nn.Module, config: StageConfig, fused: bool = False) -> torch.optim.Optimizer:
