@@ -1,4 +1,4 @@
-"""Shared test setup: offline Hugging Face, a private cache folder, the real MNIST folder."""
+"""Shared test setup: offline Hugging Face, a private cache folder, no GPU, the real MNIST folder."""
 
 import os
 import shlex
@@ -15,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("IMAGEN_CACHE_DIR", tempfile.mkdtemp(prefix="imagen-test-cache-"))
+# The suite checks the CPU's behaviour, the same on every machine (some tests need "auto" to
+# mean the CPU, or "cuda" to be missing); a GPU's paths are benchmarks/device_paths.sh's. Set
+# before CUDA starts, so that no test process, nor any script it starts, sees a GPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # noqa: E402
 

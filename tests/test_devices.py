@@ -12,6 +12,9 @@ already moved to the host).
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,7 +26,7 @@ from imagen.config import config_to_dict, stage_config_from_dict
 from imagen.data import MNISTScenesDataset, MNISTTextDataset
 from imagen.diffusion import GaussianDiffusion
 from imagen.evaluation import Evaluator
-from imagen.io import save_png, seeded_generator, to_device, to_host
+from imagen.io import resolve_device, save_png, seeded_generator, to_device, to_host
 from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.text import EncodedText
 from imagen.trainer import Trainer
@@ -194,6 +197,14 @@ def test_a_diffusion_table_reaches_a_device_once_cast_on_the_host():
     assert torch.equal(diffusion.q_sample(x, t, torch.zeros_like(x))[:, 0, 0, 0],
                        diffusion.sqrt_alphas_cumprod[t].float())
     assert torch.equal(diffusion.model_timesteps(t), t)
+
+
+def test_the_suite_and_the_scripts_it_starts_see_no_gpu():
+    """What the suite checks is the CPU's behaviour, also on a machine with a GPU (conftest hides it)."""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and resolve_device("auto") == torch.device("cpu")
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout.strip() == "0", child.stderr
 
 
 @pytest.mark.parametrize("device, pinned, asynchronous", [("cuda:0", True, True), ("mps", False, False),
