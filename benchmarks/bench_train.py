@@ -94,6 +94,7 @@ def measure(config, steps: int, warmup: int, peak: float | None = None, profile:
             "mixed_precision": trainer.accelerator.mixed_precision,
             "compile": training.compile,
             "channels_last": training.channels_last,
+            "group_norm_precision": config.unet.group_norm_precision,
             "parameters": sum(p.numel() for p in network.parameters()),
             "warmup_steps": warmup,
             "steps": steps,
@@ -109,7 +110,8 @@ def measure(config, steps: int, warmup: int, peak: float | None = None, profile:
             "mfu": achieved / peak if peak else None,
         }
         if profile is not None:  # after the measurement, so that the profiler's own memory is not in it
-            settings = ", ".join(f"{key} {result[key]}" for key in ("mixed_precision", "compile", "channels_last"))
+            settings = ", ".join(f"{key} {result[key]}" for key in ("mixed_precision", "compile", "channels_last",
+                                                                  "group_norm_precision"))
             text = (f"{config.unet.type} {config.unet.image_size} px, batch {training.batch_size}, {settings}, on "
                     f"{name}: {result['seconds_per_step'] * 1000:.1f} ms/step timed, then {PROFILED_STEPS} steps "
                     f"profiled\n{profile_table(trainer, device)}\n")

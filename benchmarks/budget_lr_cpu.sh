@@ -10,7 +10,9 @@
 # Settings: WARMUP (100), STEPS (base 580 at batch 128, sr 420 at batch 32: what 2.5 minutes
 # give each stage on an H200, scaled from a 3-minute run's 717 and 519), WIDTH (unet.base_channels;
 # default the config's 32), OBJECTIVE (diffusion.objective, eps or v; default the config's eps),
-# SWEEP (guidance weights of the evaluated stage; default base 2,5 and sr 3,4). The learning rate is
+# SWEEP (guidance weights of the evaluated stage; default base 2,5 and sr 3,4), MIXED_PRECISION
+# (training.mixed_precision, e.g. bf16 on a CPU with native bf16; default the config's: float32 on a
+# CPU), GROUP_NORMS (unet.group_norm_precision; default the config's float32). The learning rate is
 # held constant after the warmup, as the configs' 50,000-step cosine is over those few hundred
 # steps. OUT receives the run (OUT/run) and its evaluation (OUT/evaluation/report.json).
 set -euo pipefail
@@ -34,6 +36,8 @@ fi
 overrides=()
 if [ -n "${WIDTH:-}" ]; then overrides+=(--set "unet.base_channels=$WIDTH"); fi
 if [ -n "${OBJECTIVE:-}" ]; then overrides+=(--set "diffusion.objective=$OBJECTIVE"); fi
+if [ -n "${MIXED_PRECISION:-}" ]; then overrides+=(--set "training.mixed_precision=$MIXED_PRECISION"); fi
+if [ -n "${GROUP_NORMS:-}" ]; then overrides+=(--set "unet.group_norm_precision=$GROUP_NORMS"); fi
 mkdir -p "$OUT"
 python "$script" --config "configs/mnist_cpu/$STAGE.yaml" --output-dir "$OUT/run" --set "data.root=$DATA" \
   --set "training.batch_size=$batch" --set "training.max_steps=$steps" --set "training.lr=$LR" \

@@ -9,8 +9,10 @@
 #   STEPS=2 WARMUP=1 BATCH=2 bash benchmarks/gpu.sh ../shared/data         # a quick smoke run
 #   STAGES=base TIMEOUT=240 bash benchmarks/gpu.sh .mnist > $OUT/gpu.jsonl  # on a lent GPU
 #
-# VARIANTS (default "eager compile channels_last compile+channels_last"): eager is the configs
-# as they are; compile sets training.compile; channels_last sets training.channels_last.
+# VARIANTS (default "eager bf16_norms compile channels_last compile+channels_last"): eager is the
+# configs as they are; bf16_norms sets unet.group_norm_precision=activations (the norms in the
+# autocast dtype, without the casts to float32 and back); compile sets training.compile;
+# channels_last sets training.channels_last.
 # STAGES (default "base sr_256"): the configs/mnist stages, measured in this order.
 # TIMEOUT (seconds a measurement may take, default 0: no limit).
 # Each measurement prints its line as it ends: bench_train.py's JSON with the stage, the variant
@@ -27,7 +29,7 @@ DATA="$(from_caller "${1:-../shared/data}")"
 STEPS="${STEPS:-50}"
 WARMUP="${WARMUP:-10}"
 TIMEOUT="${TIMEOUT:-0}"
-KNOWN="eager compile channels_last compile+channels_last"
+KNOWN="eager bf16_norms compile channels_last compile+channels_last"
 KNOWN_STAGES="base sr_256"
 read -r -a variants <<< "${VARIANTS:-$KNOWN}"
 read -r -a stages <<< "${STAGES:-$KNOWN_STAGES}"
@@ -37,6 +39,7 @@ if [ -n "${BATCH:-}" ]; then extra=(--set "training.batch_size=$BATCH"); fi
 settings_of() {  # settings_of VARIANT: sets the array settings to the variant's --set options
   case "$1" in
     eager) settings=() ;;
+    bf16_norms) settings=(--set unet.group_norm_precision=activations) ;;
     compile) settings=(--set training.compile=true) ;;
     channels_last) settings=(--set training.channels_last=true) ;;
     compile+channels_last) settings=(--set training.compile=true --set training.channels_last=true) ;;

@@ -113,6 +113,10 @@ class UNetConfig:
     # (null: use the encoder's width). With T5-XXL (4096) this saves a large
     # 4096 -> channels key/value projection in every attention block.
     text_projection_dim: int | None = None
+    # Under mixed precision: float32 group norms (what CUDA autocast does), or norms in the
+    # activations' bf16/fp16 with float32 statistics, which saves a cast to float32 and back
+    # around each of them (imagen.nn.GroupNorm). No effect in full precision.
+    group_norm_precision: Literal["float32", "activations"] = "float32"
 
     @property
     def halvings(self) -> int:

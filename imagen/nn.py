@@ -20,11 +20,43 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return embedding
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` whose precision under autocast is ``precision``, the same on every device.
+
+    - ``float32``: normalise in float32 and return float32, as CUDA's autocast does with every
+      norm (CPU autocast would keep bf16).
+    - ``activations``: normalise in the dtype the activations arrive in. For bf16 and fp16
+      inputs PyTorch's kernels accumulate the statistics in float32 either way, so this only
+      rounds the output, and it saves the cast to float32 and back around every norm: on an
+      H200, casts took 13% of a bf16 training step's kernel time and the float32 norms 15%.
+
+    Outside autocast both are ``nn.GroupNorm``. :func:`set_group_norm_precision` sets it.
+    """
+
+    precision = "float32"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return super().forward(x)
+        dtype = torch.float32 if self.precision == "float32" else x.dtype
+        with torch.autocast(device, enabled=False):  # else CUDA's autocast would cast to float32 again
+            return nn.functional.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype),
+                                            self.bias.to(dtype), self.eps)
+
+
+def group_norm(channels: int) -> GroupNorm:
     """GroupNorm with up to 32 groups (ADM's choice) but at least 4 channels per group,
     so narrow CPU-sized networks do not degrade to per-channel normalisation."""
     groups = max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
+
+
+def set_group_norm_precision(network: nn.Module, precision: str) -> None:
+    """Give every :class:`GroupNorm` of ``network`` the precision ``unet.group_norm_precision`` names."""
+    for module in network.modules():
+        if isinstance(module, GroupNorm):
+            module.precision = precision
 
 
 def zero_module(module: nn.Module) -> nn.Module:

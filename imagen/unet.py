@@ -15,7 +15,7 @@ from torch import nn
 from imagen.attention import AttentionBlock
 from imagen.conditioning import Conditioning
 from imagen.config import BaseUNetConfig, SuperResolutionConfig
-from imagen.nn import Downsample, ResBlock, Upsample, group_norm, zero_module
+from imagen.nn import Downsample, ResBlock, Upsample, group_norm, set_group_norm_precision, zero_module
 
 
 class ConditionedSequential(nn.ModuleList):
@@ -97,6 +97,7 @@ class UNet(nn.Module):
 
         self.output = nn.Sequential(group_norm(channels), nn.SiLU(),
                                     zero_module(nn.Conv2d(channels, config.channels, 3, padding=1)))
+        set_group_norm_precision(self, config.group_norm_precision)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, text_emb: torch.Tensor, text_mask: torch.Tensor,
                 drop_text: torch.Tensor | None = None, low_res: torch.Tensor | None = None,

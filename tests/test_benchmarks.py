@@ -22,7 +22,8 @@ def test_bench_train_reports_steady_state_throughput(mnist_root, tmp_path):
     result = python(*args, "--profile", str(tmp_path / "profile.txt"))
     assert result.returncode == 0, result.stderr
     profile = (tmp_path / "profile.txt").read_text()
-    assert profile.startswith("unet 16 px, batch 8, mixed_precision no, compile False, channels_last False, on cpu: ")
+    assert profile.startswith("unet 16 px, batch 8, mixed_precision no, compile False, channels_last False, "
+                              "group_norm_precision float32, on cpu: ")
     assert "3 steps profiled" in profile and "aten::convolution_backward" in profile
     again = python(*args, "--profile", str(tmp_path / "profile.txt"))
     assert again.returncode == 2 and "--profile" in again.stderr and "already exists" in again.stderr
@@ -226,14 +227,15 @@ def test_the_gpu_speed_script_reports_each_measurement_as_it_ends_and_goes_on_pa
     """A lent GPU's call can be cut off or lack a compiler (and has imagen uninstalled): each
     variant's line must come as it ends, and a failing one must not cost the others their
     numbers (nor pass for a number). Started from another folder, its data path is read from there."""
-    env = {**uninstalled, "STAGES": "base", "VARIANTS": "eager compile", "STEPS": "1", "WARMUP": "1", "BATCH": "2",
+    env = {**uninstalled, "STAGES": "base", "VARIANTS": "bf16_norms compile", "STEPS": "1", "WARMUP": "1", "BATCH": "2",
            "CXX": "/bin/false"}  # Inductor's CPU compiler: the probe finds none, as on a GPU machine without one
     result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks/gpu.sh"), os.path.relpath(mnist_root, tmp_path)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 1
-    eager, compiled = (json.loads(line) for line in result.stdout.splitlines())
-    assert eager["stage"] == "base" and eager["variant"] == "eager" and eager["image_size"] == 64
-    assert eager["steps"] == 1 and eager["batch_size"] == 2 and eager["wall_s"] > 0 and eager["images_per_s"] > 0
+    norms, compiled = (json.loads(line) for line in result.stdout.splitlines())
+    assert norms["stage"] == "base" and norms["variant"] == "bf16_norms" and norms["image_size"] == 64
+    assert norms["steps"] == 1 and norms["batch_size"] == 2 and norms["wall_s"] > 0 and norms["images_per_s"] > 0
+    assert norms["group_norm_precision"] == "activations"
     assert compiled == {"stage": "base", "variant": "compile", "error": compiled["error"]}
     assert compiled["error"].startswith("torch.compile cannot build kernels on this machine (")
     assert "InvalidCxxCompiler" in compiled["error"] and "compiled variants are skipped" in result.stderr

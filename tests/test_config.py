@@ -111,6 +111,7 @@ INVALID = [
     ({"unet": {"num_head_channels": 48}}, [], ["'unet.num_head_channels'", "divisor"]),
     ({"unet": {"text_projection_dim": 0}}, [], ["'unet.text_projection_dim'", "positive integer or null"]),
     ({"unet": {"dropout": 1.5}}, [], ["'unet.dropout'", "[0, 1)"]),
+    ({"unet": {"group_norm_precision": "bf16"}}, [], ["'unet.group_norm_precision'", "'float32'", "'activations'"]),
     ({"unet": {"type": "unet", "self_attention": False}}, [], ["unknown key 'unet.self_attention'", "type 'unet'"]),
     ({"unet": {"type": "efficient_unet", "num_res_blocks": [2, 4]}}, [],
      ["'unet.num_res_blocks'", "one positive count per level"]),

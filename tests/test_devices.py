@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from imagen.cascade import Cascade
 from imagen.checkpoint import latest_checkpoint
@@ -27,6 +28,7 @@ from imagen.data import MNISTScenesDataset, MNISTTextDataset
 from imagen.diffusion import GaussianDiffusion
 from imagen.evaluation import Evaluator
 from imagen.io import resolve_device, save_png, seeded_generator, to_device, to_host
+from imagen.nn import GroupNorm, group_norm
 from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.text import EncodedText
 from imagen.trainer import Trainer
@@ -252,6 +254,66 @@ def test_sampling_in_bf16_runs_the_network_in_bf16_and_the_sampler_in_float32(ti
     assert images["bf16"].dtype == torch.float32
     difference = (images["bf16"] - images["no"]).abs()
     assert 0 < difference.mean() < 0.05  # bf16 rounding, not another image
+
+
+@pytest.mark.parametrize("precision", ["float32", "activations"])
+def test_group_norms_under_autocast_compute_in_the_configured_precision(precision):
+    norm = group_norm(64)
+    norm.precision = precision
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(64, generator=generator))
+        norm.bias.copy_(torch.randn(64, generator=generator))
+    x = (torch.randn(4, 64, 8, 8, generator=generator) * 3 + 1).bfloat16().requires_grad_()
+    exact = nn.functional.group_norm(x.detach().float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = norm(x)
+        y_from_float32 = norm(x.detach().float())
+    if precision == "float32":  # what CUDA's autocast does; CPU's would return bf16
+        assert y.dtype == torch.float32 and torch.equal(y, exact)
+    else:  # float32 statistics, a bf16 result
+        assert y.dtype == torch.bfloat16 and not torch.equal(y.float(), exact)
+        torch.testing.assert_close(y.float(), exact, rtol=0.02, atol=0.02)
+    assert y_from_float32.dtype == torch.float32  # never lowers a float32 input's precision
+    torch.testing.assert_close(y_from_float32, exact)
+    with torch.no_grad():  # outside autocast it is nn.GroupNorm whatever its precision
+        assert torch.equal(norm(x.float()), exact)
+    y.float().square().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    expected = torch.autograd.grad(exact.square().sum(), norm.weight)[0]
+    torch.testing.assert_close(norm.weight.grad, expected, rtol=0.02, atol=0.5)
+
+
+@pytest.mark.parametrize("unet_type", ["unet", "efficient_unet"])
+def test_the_configured_group_norm_precision_reaches_every_norm_and_changes_only_mixed_precision(tiny_stage,
+                                                                                                unet_type):
+    raw = config_to_dict(tiny_stage())
+    raw["unet"] = {"type": unet_type, "image_size": 16, "base_channels": 16, "channel_mults": [1, 2],
+                   "num_head_channels": 16, "attention_resolutions": [8], "cross_attention_resolutions": [8],
+                   "num_res_blocks": [1, 1] if unet_type == "efficient_unet" else 1}
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
+    text, mask = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(2)), torch.ones(2, 8, dtype=torch.bool)
+    outputs = {}
+    for precision in ("float32", "activations"):
+        config = stage_config_from_dict({**raw, "unet": {**raw["unet"], "group_norm_precision": precision}})
+        torch.manual_seed(0)
+        network = build_network(config, 32)
+        with torch.no_grad():  # zero-initialised output layers would hide every difference
+            for parameter in network.parameters():
+                parameter.add_(torch.randn(parameter.shape) * 0.05)
+        norms = [module for module in network.modules() if isinstance(module, nn.GroupNorm)]
+        assert norms and all(isinstance(norm, GroupNorm) and norm.precision == precision for norm in norms)
+        dtypes = []
+        for norm in norms:
+            norm.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        with torch.no_grad():
+            outputs[precision, "full"] = network(x, t, text_emb=text, text_mask=mask)
+            with torch.autocast("cpu", torch.bfloat16):
+                outputs[precision, "bf16"] = network(x, t, text_emb=text, text_mask=mask).float()
+        assert set(dtypes[:len(norms)]) == {torch.float32}
+        assert set(dtypes[len(norms):]) == {torch.float32 if precision == "float32" else torch.bfloat16}
+    assert torch.equal(outputs["float32", "full"], outputs["activations", "full"])
+    assert not torch.equal(outputs["float32", "bf16"], outputs["activations", "bf16"])
 
 
 def test_bf16_on_a_cpu_that_would_emulate_it_is_warned_of_and_kept(monkeypatch):
