@@ -71,6 +71,7 @@ def stage_report(run: Path, device: torch.device, seconds: float | None) -> dict
                    "objective": config.diffusion.objective,
                    "mixed_precision": precision, "compile": training.compile,
                    "channels_last": training.channels_last,
+                   "group_norm_precision": config.unet.group_norm_precision,
                    "max_minutes": training.max_minutes},
         "steps": state["step"],
         "images_trained": state["step"] * training.batch_size * training.grad_accum_steps,

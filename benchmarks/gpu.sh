@@ -9,10 +9,10 @@
 #   STEPS=2 WARMUP=1 BATCH=2 bash benchmarks/gpu.sh ../shared/data         # a quick smoke run
 #   STAGES=base TIMEOUT=240 bash benchmarks/gpu.sh .mnist > $OUT/gpu.jsonl  # on a lent GPU
 #
-# VARIANTS (default "eager bf16_norms compile channels_last compile+channels_last"): eager is the
-# configs as they are; bf16_norms sets unet.group_norm_precision=activations (the norms in the
-# autocast dtype, without the casts to float32 and back); compile sets training.compile;
-# channels_last sets training.channels_last.
+# VARIANTS (default "eager float32_norms compile channels_last compile+channels_last"): eager is
+# the configs as they are (their group norms in bf16); float32_norms sets
+# unet.group_norm_precision=float32 (CUDA autocast's float32 norms, with a cast to float32 and
+# back around each); compile sets training.compile; channels_last sets training.channels_last.
 # STAGES (default "base sr_256"): the configs/mnist stages, measured in this order.
 # TIMEOUT (seconds a measurement may take, default 0: no limit).
 # Each measurement prints its line as it ends: bench_train.py's JSON with the stage, the variant
@@ -29,7 +29,7 @@ DATA="$(from_caller "${1:-../shared/data}")"
 STEPS="${STEPS:-50}"
 WARMUP="${WARMUP:-10}"
 TIMEOUT="${TIMEOUT:-0}"
-KNOWN="eager bf16_norms compile channels_last compile+channels_last"
+KNOWN="eager float32_norms compile channels_last compile+channels_last"
 KNOWN_STAGES="base sr_256"
 read -r -a variants <<< "${VARIANTS:-$KNOWN}"
 read -r -a stages <<< "${STAGES:-$KNOWN_STAGES}"
@@ -39,7 +39,7 @@ if [ -n "${BATCH:-}" ]; then extra=(--set "training.batch_size=$BATCH"); fi
 settings_of() {  # settings_of VARIANT: sets the array settings to the variant's --set options
   case "$1" in
     eager) settings=() ;;
-    bf16_norms) settings=(--set unet.group_norm_precision=activations) ;;
+    float32_norms) settings=(--set unet.group_norm_precision=float32) ;;
     compile) settings=(--set training.compile=true) ;;
     channels_last) settings=(--set training.channels_last=true) ;;
     compile+channels_last) settings=(--set training.compile=true --set training.channels_last=true) ;;

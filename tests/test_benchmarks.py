@@ -117,6 +117,7 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
         stage = report["stages"][name]
         assert stage["steps"] == 2 and stage["config"]["image_size"] == size and stage["config"]["max_minutes"] == 2.5
         assert stage["config"]["compile"] is False and stage["config"]["channels_last"] is False
+        assert stage["config"]["group_norm_precision"] == "activations"
         assert stage["config"]["warmup_steps"] == 100  # the budget schedule, not the configs' 1000 steps
         assert stage["images_per_s"] > 0 and stage["flops_per_image"] > 0 and stage["peak_memory_mb"] > 0
         assert stage["achieved_tflops"] == pytest.approx(stage["flops_per_image"] * stage["images_per_s"] / 1e12)
@@ -222,20 +223,33 @@ def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything
         assert refused.returncode == 2 and message in refused.stderr and refused.stdout == ""
 
 
+def test_bf16_group_norms_move_fewer_bytes_than_float32_ones():
+    result = python("benchmarks/bench_traffic.py", "--config", "configs/mnist_cpu/base.yaml", "--batch", "16")
+    assert result.returncode == 0, result.stderr
+    float32, activations = (json.loads(line) for line in result.stdout.splitlines())
+    assert (float32["group_norm_precision"], activations["group_norm_precision"]) == ("float32", "activations")
+    assert activations["casts"] < float32["casts"] and activations["total_gib"] < 0.7 * float32["total_gib"]
+    for name, gib in float32["gib_by_op"].items():  # each of them: no float32 copy, no float32 norm or SiLU
+        assert 0 < activations["gib_by_op"][name] < 0.6 * gib, name
+    refused = python("benchmarks/bench_traffic.py", "--config", "configs/mnist_cpu/base.yaml", "--batch", "0")
+    assert refused.returncode == 2 and "--batch 0: expected a positive number of images" in refused.stderr
+
+
 def test_the_gpu_speed_script_reports_each_measurement_as_it_ends_and_goes_on_past_failures(mnist_root, uninstalled,
                                                                                           tmp_path):
     """A lent GPU's call can be cut off or lack a compiler (and has imagen uninstalled): each
     variant's line must come as it ends, and a failing one must not cost the others their
     numbers (nor pass for a number). Started from another folder, its data path is read from there."""
-    env = {**uninstalled, "STAGES": "base", "VARIANTS": "bf16_norms compile", "STEPS": "1", "WARMUP": "1", "BATCH": "2",
-           "CXX": "/bin/false"}  # Inductor's CPU compiler: the probe finds none, as on a GPU machine without one
+    # CXX is Inductor's CPU compiler: the probe finds none, as on a GPU machine without one.
+    env = {**uninstalled, "STAGES": "base", "VARIANTS": "float32_norms compile", "STEPS": "1", "WARMUP": "1",
+           "BATCH": "2", "CXX": "/bin/false"}
     result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks/gpu.sh"), os.path.relpath(mnist_root, tmp_path)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 1
     norms, compiled = (json.loads(line) for line in result.stdout.splitlines())
-    assert norms["stage"] == "base" and norms["variant"] == "bf16_norms" and norms["image_size"] == 64
+    assert norms["stage"] == "base" and norms["variant"] == "float32_norms" and norms["image_size"] == 64
     assert norms["steps"] == 1 and norms["batch_size"] == 2 and norms["wall_s"] > 0 and norms["images_per_s"] > 0
-    assert norms["group_norm_precision"] == "activations"
+    assert norms["group_norm_precision"] == "float32"  # the configs' is activations
     assert compiled == {"stage": "base", "variant": "compile", "error": compiled["error"]}
     assert compiled["error"].startswith("torch.compile cannot build kernels on this machine (")
     assert "InvalidCxxCompiler" in compiled["error"] and "compiled variants are skipped" in result.stderr
