@@ -7,7 +7,8 @@ A training step of memory-bound kernels (casts, norms, activations, additions) t
 its bytes take to move, so the bytes each operation reads and writes tell what a setting saves
 on a GPU without one. The step (``training_losses``, forward and backward, bf16 autocast) runs on
 the CPU; every ATen operation below autograd and autocast is counted with the size of its tensor
-inputs and outputs, so autocast's casts count too. The group norms take the same precision on
+inputs and outputs, so autocast's casts count too; views and bare allocations, which move
+nothing, are left out. The group norms take the same precision on
 every device (``imagen.nn.GroupNorm``), so the counts are those of CUDA's autocast there; other
 operations follow CPU autocast's lists, which keep the convolutions, matrix products and
 attention in bf16 as CUDA's do. A count is an upper bound on a real device's traffic: it
@@ -34,6 +35,8 @@ from imagen.cli import add_debug_argument, load_config_from_args, run_script
 from imagen.errors import ImagenError
 
 TINY_T5_WIDTH = 128  # the offline encoder's; the text width only changes the attention projections
+# Besides views: a reshape that shares its input's memory, and allocations that write nothing.
+MOVES_NOTHING = {"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 REPORTED = ("_to_copy", "native_group_norm", "native_group_norm_backward", "silu", "silu_backward")
 
 
@@ -51,6 +54,8 @@ class Traffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
+        if func.is_view or name in MOVES_NOTHING:
+            return out
         self.bytes[name] += tensor_bytes((args, kwargs)) + tensor_bytes(out)
         self.calls[name] += 1
         return out

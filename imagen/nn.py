@@ -26,14 +26,19 @@ class GroupNorm(nn.GroupNorm):
     - ``float32``: normalise in float32 and return float32, as CUDA's autocast does with every
       norm (CPU autocast would keep bf16).
     - ``activations``: normalise in the dtype the activations arrive in. For bf16 and fp16
-      inputs PyTorch's kernels accumulate the statistics in float32 either way, so this only
-      rounds the output, and it saves the cast to float32 and back around every norm: on an
-      H200, casts took 13% of a bf16 training step's kernel time and the float32 norms 15%.
+      inputs PyTorch's kernels accumulate the statistics in float32 either way; the output,
+      the affine weights and their gradients are in the low precision, as a convolution's are
+      under autocast. It saves the cast to float32 and back around every norm: on an H200,
+      casts took 13% of a bf16 training step's kernel time and the float32 norms 15%.
 
     Outside autocast both are ``nn.GroupNorm``. :func:`set_group_norm_precision` sets it.
     """
 
+    PRECISIONS = ("float32", "activations")
     precision = "float32"
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, precision={self.precision}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
@@ -54,6 +59,8 @@ def group_norm(channels: int) -> GroupNorm:
 
 def set_group_norm_precision(network: nn.Module, precision: str) -> None:
     """Give every :class:`GroupNorm` of ``network`` the precision ``unet.group_norm_precision`` names."""
+    if precision not in GroupNorm.PRECISIONS:
+        raise ValueError(f"group norm precision {precision!r}: expected one of {GroupNorm.PRECISIONS}")
     for module in network.modules():
         if isinstance(module, GroupNorm):
             module.precision = precision

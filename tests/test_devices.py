@@ -28,7 +28,7 @@ from imagen.data import MNISTScenesDataset, MNISTTextDataset
 from imagen.diffusion import GaussianDiffusion
 from imagen.evaluation import Evaluator
 from imagen.io import resolve_device, save_png, seeded_generator, to_device, to_host
-from imagen.nn import GroupNorm, group_norm
+from imagen.nn import GroupNorm, group_norm, set_group_norm_precision
 from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.text import EncodedText
 from imagen.trainer import Trainer
@@ -279,9 +279,30 @@ def test_group_norms_under_autocast_compute_in_the_configured_precision(precisio
     with torch.no_grad():  # outside autocast it is nn.GroupNorm whatever its precision
         assert torch.equal(norm(x.float()), exact)
     y.float().square().sum().backward()
-    assert norm.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
     expected = torch.autograd.grad(exact.square().sum(), norm.weight)[0]
     torch.testing.assert_close(norm.weight.grad, expected, rtol=0.02, atol=0.5)
+
+
+def test_a_group_norm_runs_outside_autocast_so_that_no_device_policy_recasts_it(monkeypatch):
+    """CUDA's autocast would cast a bf16 norm back to float32; CPU's leaves norms alone, so on a
+    CPU the guard shows only as where the norm runs (autocast off), and as a graph without breaks."""
+    import imagen.nn
+
+    norm, seen = group_norm(16), []
+    norm.precision = "activations"
+    group_norm_function = nn.functional.group_norm
+    monkeypatch.setattr(imagen.nn.nn.functional, "group_norm", lambda *args, **kwargs: (
+        seen.append((torch.is_autocast_enabled("cpu"), args[0].dtype)), group_norm_function(*args, **kwargs))[1])
+    with torch.autocast("cpu", torch.bfloat16):
+        norm(torch.randn(2, 16, 4, 4).bfloat16())
+    assert seen == [(False, torch.bfloat16)]
+    monkeypatch.undo()
+    with torch.autocast("cpu", torch.bfloat16):
+        explanation = torch._dynamo.explain(norm)(torch.randn(2, 16, 4, 4).bfloat16())
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    with pytest.raises(ValueError, match="group norm precision 'bf16': expected one of"):
+        set_group_norm_precision(norm, "bf16")
+    assert "precision=activations" in repr(norm)
 
 
 @pytest.mark.parametrize("unet_type", ["unet", "efficient_unet"])
