@@ -3,6 +3,7 @@
 # when it has one), so that one short call on a lent GPU shows them device-clean.
 # gpu_cascade.sh covers training under a time budget and the cascade evaluation; this covers:
 # - channels_last training with attention, and resume (checked to continue, not restart);
+# - the group norms' dtypes under the device's bf16 autocast, for both unet.group_norm_precision;
 # - sampling from prompts, image-to-image, inpainting and your own low-resolution images;
 # - the super-resolution evaluation;
 # - shard preparation and training from shards (loader workers, pinned memory on a GPU);
@@ -69,6 +70,36 @@ PY
 check train_sr python train_sr_mnist.py --config configs/mnist/sr_256.yaml --output-dir "$sr" "${data[@]}" \
   "${TINY_SR[@]}" --set training.channels_last=true --set "unet.attention_resolutions=[16]"
 
+check norm_dtypes python - "$DEVICE" <<'PY'
+# What each group norm returns under the device's bf16 autocast, for both precisions: CUDA's
+# autocast would turn a bf16 norm back into float32 if imagen.nn.GroupNorm did not guard it.
+import sys
+
+import torch
+
+from imagen.config import load_stage_config
+from imagen.nn import GroupNorm
+from imagen.stage import build_network
+
+device = torch.device(sys.argv[1])
+tiny = ["unet.image_size=16", "unet.base_channels=16", "unet.channel_mults=[1, 2]", "unet.num_head_channels=16",
+        "unet.attention_resolutions=[8]", "unet.cross_attention_resolutions=[8]"]
+for precision in ("float32", "activations"):
+    config = load_stage_config("configs/mnist/base.yaml", tiny + ["unet.num_res_blocks=1",
+                                                                  f"unet.group_norm_precision={precision}"])
+    network = build_network(config, 32).to(device)
+    seen = []
+    for norm in (module for module in network.modules() if isinstance(module, GroupNorm)):
+        norm.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    x, t = torch.randn(2, 1, 16, 16, device=device), torch.tensor([10, 900], device=device)
+    text, mask = torch.randn(2, 8, 32, device=device), torch.ones(2, 8, dtype=torch.bool, device=device)
+    with torch.autocast(device.type, torch.bfloat16):
+        network(x, t, text_emb=text, text_mask=mask).float().square().mean().backward()
+    wrong = [pair for pair in seen if pair[1] != (torch.float32 if precision == "float32" else pair[0])]
+    print(f"{precision} norms: (input, output) dtypes {sorted(set(map(str, seen)))}")
+    if wrong or (precision == "activations" and (torch.bfloat16, torch.bfloat16) not in seen):
+        sys.exit(f"error: under {device.type} bf16 autocast, {precision} group norms returned {wrong or seen}.")
+PY
 check sample python sample_imagen.py "${cascade[@]}" --prompts seven 3 --num-per-prompt 2 --steps 2 \
   --output-dir "$OUT/sample"
 check ran_on_device python - "$OUT/sample/metadata.json" "$DEVICE" <<'PY'
