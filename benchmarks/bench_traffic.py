@@ -5,10 +5,10 @@
 
 A training step of memory-bound kernels (casts, norms, activations, additions) takes as long as
 its bytes take to move, so the bytes each operation reads and writes tell what a setting saves
-on a GPU without one. The step (``training_losses``, forward and backward, bf16 autocast) runs on
-the CPU; every ATen operation below autograd and autocast is counted with the size of its tensor
-inputs and outputs, so autocast's casts count too; views and bare allocations, which move
-nothing, are left out. The group norms take the same precision on
+on a GPU without one. The step (``imagen.throughput.training_pass``: forward and backward, bf16
+autocast) runs on the CPU; every ATen operation below autograd and autocast is counted with the
+size of its tensor inputs and outputs, so autocast's casts count too; views and bare
+allocations, which move nothing, are left out. The group norms take the same precision on
 every device (``imagen.nn.GroupNorm``), so the counts are those of CUDA's autocast there; other
 operations follow CPU autocast's lists, which keep the convolutions, matrix products and
 attention in bf16 as CUDA's do. A count is an upper bound on a real device's traffic: it
@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from imagen.cli import add_debug_argument, load_config_from_args, run_script
 from imagen.errors import ImagenError
+from imagen.throughput import training_pass
 
 TINY_T5_WIDTH = 128  # the offline encoder's; the text width only changes the attention projections
 # Besides views: a reshape that shares its input's memory, and allocations that write nothing.
@@ -63,20 +64,14 @@ class Traffic(TorchDispatchMode):
 
 def step_traffic(config, batch: int) -> dict:
     """The traffic of one bf16 training step of ``config`` on a batch of ``batch`` images."""
-    from imagen.stage import build_diffusion, build_network, training_losses
-    from imagen.text import EncodedText
+    from imagen.stage import build_network
 
-    torch.manual_seed(0)
     network = build_network(config, TINY_T5_WIDTH)
-    size, length = config.unet.image_size, config.text_encoder.max_length
-    images = torch.rand(batch, config.unet.channels, size, size) * 2 - 1
-    text = EncodedText(torch.randn(batch, length, TINY_T5_WIDTH), torch.ones(batch, length, dtype=torch.bool))
     with Traffic() as traffic:
-        with torch.autocast("cpu", torch.bfloat16):
-            losses = training_losses(network, build_diffusion(config), config, images, text)
-        losses["loss"].mean().backward()
+        training_pass(network, config, TINY_T5_WIDTH, batch, "cpu", torch.bfloat16)
     gib = 2**-30
-    return {"group_norm_precision": config.unet.group_norm_precision, "image_size": size, "batch_size": batch,
+    return {"group_norm_precision": config.unet.group_norm_precision, "image_size": config.unet.image_size,
+            "batch_size": batch,
             "total_gib": sum(traffic.bytes.values()) * gib, "casts": traffic.calls["_to_copy"],
             "gib_by_op": {name: traffic.bytes[name] * gib for name in REPORTED}}
 

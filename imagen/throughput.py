@@ -7,6 +7,7 @@ optimizer), so the number compares across frameworks and hardware.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 
@@ -53,19 +54,33 @@ def training_flops_per_image(config: StageConfig, text_dim: int, device: torch.d
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from imagen.stage import build_diffusion, build_network, training_losses
-    from imagen.text import EncodedText
+    from imagen.stage import build_network
 
-    batch, length = 2, config.text_encoder.max_length
-    size, channels = config.unet.image_size, config.unet.channels
+    batch = 2
     with torch.device(device):
         network = build_network(config, text_dim)
+    with FlopCounterMode(display=False) as counter:
+        training_pass(network, config, text_dim, batch, device)
+    return counter.get_total_flops() / batch
+
+
+def training_pass(network: torch.nn.Module, config: StageConfig, text_dim: int, batch: int,
+                  device: torch.device | str, autocast_dtype: torch.dtype | None = None) -> None:
+    """One training step's forward (under autocast to ``autocast_dtype`` when given) and backward,
+    on a batch of zeros: what is counted of it (FLOPs, bytes) does not depend on the values."""
+    from imagen.stage import build_diffusion, training_losses
+    from imagen.text import EncodedText
+
+    length, size, channels = config.text_encoder.max_length, config.unet.image_size, config.unet.channels
+    with torch.device(device):
         images = torch.zeros(batch, channels, size, size)
         text = EncodedText(torch.zeros(batch, length, text_dim), torch.ones(batch, length, dtype=torch.bool))
-    with FlopCounterMode(display=False) as counter:
+    # A plain context without autocast: torch.autocast refuses the meta device even when disabled.
+    precision = (torch.autocast(torch.device(device).type, autocast_dtype) if autocast_dtype is not None
+                 else contextlib.nullcontext())
+    with precision:
         losses = training_losses(network, build_diffusion(config), config, images, text)
-        losses["loss"].mean().backward()
-    return counter.get_total_flops() / batch
+    losses["loss"].mean().backward()
 
 
 def peak_memory_mb(device: torch.device) -> float:
