@@ -24,11 +24,23 @@ PEAK_TFLOPS = [
 ]
 
 
+# Memory bandwidth in TB/s (the same datasheets; the A100's is its 80 GB SXM model's), matched the same way.
+PEAK_BANDWIDTH_TBPS = [("H100 PCIe", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100", 2.039)]
+
+
 def peak_tflops(device_name: str, precision: str) -> float | None:
     """The dense peak of a known GPU for ``precision`` (bf16, fp16, tf32, fp32), else None."""
     for name, peaks in PEAK_TFLOPS:
         if name in device_name:
             return peaks[precision]
+    return None
+
+
+def peak_bandwidth_tbps(device_name: str) -> float | None:
+    """The memory bandwidth of a known GPU in TB/s, else None."""
+    for name, bandwidth in PEAK_BANDWIDTH_TBPS:
+        if name in device_name:
+            return bandwidth
     return None
 
 

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from imagen.config import load_stage_config
 from imagen.stage import build_network
+from imagen.throughput import peak_bandwidth_tbps, peak_tflops, training_flops_per_image
 
 from conftest import REPO_ROOT, python
 
@@ -223,7 +224,7 @@ def test_the_gpu_speed_script_refuses_an_unknown_variant_before_running_anything
         assert refused.returncode == 2 and message in refused.stderr and refused.stdout == ""
 
 
-def test_bf16_group_norms_move_fewer_bytes_than_float32_ones():
+def test_bf16_group_norms_move_fewer_bytes_than_float32_ones_and_lower_the_roofline():
     result = python("benchmarks/bench_traffic.py", "--config", "configs/mnist_cpu/base.yaml", "--batch", "16")
     assert result.returncode == 0, result.stderr
     float32, activations = (json.loads(line) for line in result.stdout.splitlines())
@@ -231,6 +232,24 @@ def test_bf16_group_norms_move_fewer_bytes_than_float32_ones():
     assert activations["casts"] < float32["casts"] and activations["total_gib"] < 0.7 * float32["total_gib"]
     for name, gib in float32["gib_by_op"].items():  # each of them: no float32 copy, no float32 norm or SiLU
         assert 0 < activations["gib_by_op"][name] < 0.6 * gib, name
+    model_tflop = training_flops_per_image(load_stage_config("configs/mnist_cpu/base.yaml"), 128) * 16 / 1e12
+    for report in (float32, activations):
+        assert report["tflop"] == pytest.approx(model_tflop, rel=0.05)  # norms change no model FLOPs
+        bound = report["roofline"]
+        assert bound["gpu"] == "H100"
+        compute_ms = report["tflop"] / peak_tflops("H100", "bf16") * 1e3
+        memory_ms = report["total_gib"] * 2**30 / (peak_bandwidth_tbps("H100") * 1e12) * 1e3
+        # Per operation the longer of the two: at least either total, at most both.
+        assert max(compute_ms, memory_ms) < bound["ms"] < compute_ms + memory_ms
+        assert 0 < bound["ms_memory_bound"] < bound["ms"]
+        assert bound["mfu_bound"] == pytest.approx(compute_ms / bound["ms"])
+    assert activations["roofline"]["ms"] < float32["roofline"]["ms"]
+    faster = python("benchmarks/bench_traffic.py", "--config", "configs/mnist_cpu/base.yaml", "--batch", "16",
+                    "--gpu", "H200")
+    assert faster.returncode == 0, faster.stderr
+    h200 = json.loads(faster.stdout.splitlines()[1])
+    assert h200["total_gib"] == activations["total_gib"] and h200["roofline"]["gpu"] == "H200"
+    assert h200["roofline"]["ms"] < activations["roofline"]["ms"]  # the same bytes, more bandwidth
     refused = python("benchmarks/bench_traffic.py", "--config", "configs/mnist_cpu/base.yaml", "--batch", "0")
     assert refused.returncode == 2 and "--batch 0: expected a positive number of images" in refused.stderr
 
