@@ -28,20 +28,20 @@ PEAK_TFLOPS = [
 PEAK_BANDWIDTH_TBPS = [("H100 PCIe", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100", 2.039)]
 
 
+def datasheet_entry(table: list, device_name: str):
+    """The first entry of ``table`` whose GPU name is in ``device_name``, else None."""
+    return next((entry for name, entry in table if name in device_name), None)
+
+
 def peak_tflops(device_name: str, precision: str) -> float | None:
     """The dense peak of a known GPU for ``precision`` (bf16, fp16, tf32, fp32), else None."""
-    for name, peaks in PEAK_TFLOPS:
-        if name in device_name:
-            return peaks[precision]
-    return None
+    peaks = datasheet_entry(PEAK_TFLOPS, device_name)
+    return peaks[precision] if peaks is not None else None
 
 
 def peak_bandwidth_tbps(device_name: str) -> float | None:
     """The memory bandwidth of a known GPU in TB/s, else None."""
-    for name, bandwidth in PEAK_BANDWIDTH_TBPS:
-        if name in device_name:
-            return bandwidth
-    return None
+    return datasheet_entry(PEAK_BANDWIDTH_TBPS, device_name)
 
 
 def compute_precision(mixed_precision: str, device: torch.device, allow_tf32: bool) -> str:
