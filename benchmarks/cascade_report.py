@@ -5,8 +5,8 @@
         Face cache holds it, else tiny (the offline T5 built in code).
     python benchmarks/cascade_report.py report --runs RUNS --output-dir OUT --encoder NAME \\
         --wall-seconds S
-        reads the two training runs and the evaluation under RUNS and writes OUT/report.json,
-        OUT/base_grid.png, OUT/sr_grid.png and OUT/cascade_samples.png.
+        reads the two training runs and the evaluation under RUNS and writes OUT/report.json
+        and OUT/cascade_samples.png (gpu_cascade.sh keeps each stage's grid as it ends).
 
 Per stage the report gives the steps and images trained, the steady-state images/s (the
 median of the logged intervals after the first two, which hold CUDA warm-up and any
@@ -124,10 +124,6 @@ def write_report(runs: Path, output: Path, encoder: str, wall_seconds: float) ->
         "wall_seconds": wall_seconds,
     }
     atomic_write(output / "report.json", json.dumps(report, indent=1))
-    for name in ("base", "sr"):
-        grids = sorted((runs / name / "samples").glob("step_*.png"))
-        if grids:
-            shutil.copyfile(grids[-1], output / f"{name}_grid.png")
     samples = sorted((runs / "evaluation" / "samples").glob("guidance_*.png"))
     if samples:
         shutil.copyfile(samples[0], output / "cascade_samples.png")
@@ -153,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("encoder", help="print the text encoder to use")
-    report = commands.add_parser("report", help="write OUT/report.json and the grids")
+    report = commands.add_parser("report", help="write OUT/report.json and the cascade samples")
     report.add_argument("--runs", required=True, type=Path)
     report.add_argument("--output-dir", required=True, type=Path)
     report.add_argument("--encoder", required=True)

@@ -22,7 +22,7 @@
 #
 # OUT receives report.json (per stage: steps, images/s, peak memory, model FLOPs per image,
 # TFLOP/s and MFU; the evaluation; the goals; the wall time of every phase), base_grid.png and
-# sr_grid.png (the last training grids), cascade_samples.png (40 of the evaluated images) and
+# sr_grid.png (the last training grids, kept as each stage ends), cascade_samples.png (40 of the evaluated images) and
 # log.txt. The runs themselves (checkpoints: gigabytes at 256 px) go to $RUNS, default OUT/runs.
 # Settings: BASE_MINUTES and SR_MINUTES (2.5 each: each stage's budget counts its setup),
 # WARMUP_STEPS (100), BASE_LR (3e-4), SR_LR (5e-4),
@@ -84,8 +84,14 @@ phase() {  # phase <name> <command...>: run it and record its wall time, in the 
   seconds=$(seconds_since "$start")
   echo "$name $seconds" >> "$RUNS/timings.txt"
   echo "phase $name: $seconds s"
-  # So that a run cut short still tells its training numbers (report.json comes only at the end).
+  # So that a run cut short still tells its training numbers and shows its last grid (report.json
+  # comes only at the end, and a lent machine returns only OUT).
   if [ -f "$RUNS/$name/metrics.jsonl" ]; then echo "$name, last logged interval: $(tail -n 1 "$RUNS/$name/metrics.jsonl")"; fi
+  local grids=("$RUNS/$name"/samples/step_*.png)
+  if [ -f "${grids[-1]}" ]; then
+    cp "${grids[-1]}" "$OUT/${name}_grid.png"
+    echo "kept ${name}_grid.png ($(basename "${grids[-1]}"))"
+  fi
 }
 
 start=$(date +%s.%N)

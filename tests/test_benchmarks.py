@@ -137,6 +137,9 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
     log = (out / "log.txt").read_text()
     for name in ("base", "sr", "evaluation"):
         assert f"phase {name}: " in log
+    # Each stage's grid reaches OUT as the stage ends, so a run cut in its evaluation still returns them.
+    assert log.index("phase base: ") < log.index("kept base_grid.png (step_00000002.png)") < log.index("phase sr: ")
+    assert log.index("phase sr: ") < log.index("kept sr_grid.png (step_00000002.png)") < log.index("\nclassifier ")
     assert '"step": 2' in log.split("base, last logged interval: ")[1].splitlines()[0]
 
     again = subprocess.run(["bash", "benchmarks/gpu_cascade.sh", str(out)], cwd=REPO_ROOT, capture_output=True,
