@@ -22,8 +22,9 @@
 #
 # OUT receives report.json (per stage: steps, images/s, peak memory, model FLOPs per image,
 # TFLOP/s and MFU; the evaluation; the goals; the wall time of every phase), base_grid.png and
-# sr_grid.png (the last training grids, kept as each stage ends), cascade_samples.png (40 of the evaluated images) and
-# log.txt. The runs themselves (checkpoints: gigabytes at 256 px) go to $RUNS, default OUT/runs.
+# sr_grid.png (the last training grids, kept as each stage ends), cascade_samples.png (40 of
+# the evaluated images) and log.txt. The runs themselves (checkpoints: gigabytes at 256 px)
+# go to $RUNS, default OUT/runs.
 # Settings: BASE_MINUTES and SR_MINUTES (2.5 each: each stage's budget counts its setup),
 # WARMUP_STEPS (100), BASE_LR (3e-4), SR_LR (5e-4),
 # SR_GUIDANCE (1: the super-resolution stage's sampling.guidance, which the evaluation uses),
