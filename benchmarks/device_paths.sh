@@ -4,6 +4,7 @@
 # gpu_cascade.sh covers training under a time budget and the cascade evaluation; this covers:
 # - channels_last training with attention, and resume (checked to continue, not restart);
 # - the group norms' dtypes under the device's bf16 autocast, for both unet.group_norm_precision;
+# - each configs/mnist network traced by torch.compile as one graph, with no graph break;
 # - sampling from prompts, image-to-image, inpainting and your own low-resolution images;
 # - the super-resolution evaluation;
 # - shard preparation and training from shards (loader workers, pinned memory on a GPU);
@@ -99,6 +100,42 @@ for precision in ("float32", "activations"):
     print(f"{precision} norms: (input, output) dtypes {sorted(set(map(str, seen)))}")
     if wrong or (precision == "activations" and (torch.bfloat16, torch.bfloat16) not in seen):
         sys.exit(f"error: under {device.type} bf16 autocast, {precision} group norms returned {wrong or seen}.")
+PY
+check one_graph python - "$DEVICE" <<'PY'
+# training.compile fuses across the whole network only if Dynamo sees it as one graph: trace a
+# bf16 training step of each configs/mnist network (tiny sizes, attention kept) on the device,
+# forward and backward, with fullgraph=True, which fails at any graph break. aot_eager traces
+# without generating kernels.
+import sys
+
+import torch
+
+from imagen.config import load_stage_config
+from imagen.stage import build_network
+
+device = torch.device(sys.argv[1])
+tiny = ["unet.base_channels=16", "unet.channel_mults=[1, 2]", "unet.num_head_channels=16"]
+stages = {"base": ["unet.image_size=16", "unet.num_res_blocks=1", "unet.attention_resolutions=[8]",
+                   "unet.cross_attention_resolutions=[8]"],
+          "sr_256": ["unet.image_size=32", "super_resolution.low_res_size=16", "unet.num_res_blocks=[1, 1]",
+                     "unet.attention_resolutions=[16]", "unet.cross_attention_resolutions=[16]"]}
+for stage, sizes in stages.items():
+    for precision in ("float32", "activations"):
+        config = load_stage_config(f"configs/mnist/{stage}.yaml",
+                                   tiny + sizes + [f"unet.group_norm_precision={precision}"])
+        network = build_network(config, 32).to(device)
+        size = config.unet.image_size
+        inputs = {"x": torch.randn(2, 1, size, size, device=device), "t": torch.tensor([10, 900], device=device),
+                  "text_emb": torch.randn(2, 8, 32, device=device),
+                  "text_mask": torch.ones(2, 8, dtype=torch.bool, device=device)}
+        if config.super_resolution is not None:
+            low = config.super_resolution.low_res_size
+            inputs.update(low_res=torch.randn(2, 1, low, low, device=device),
+                          aug_level=torch.tensor([0.0, 0.3], device=device))
+        torch._dynamo.reset()
+        with torch.autocast(device.type, torch.bfloat16):
+            torch.compile(network, fullgraph=True, backend="aot_eager")(**inputs).float().square().mean().backward()
+        print(f"{stage} ({precision} norms): one graph under {device.type} bf16 autocast")
 PY
 check sample python sample_imagen.py "${cascade[@]}" --prompts seven 3 --num-per-prompt 2 --steps 2 \
   --output-dir "$OUT/sample"

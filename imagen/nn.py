@@ -42,7 +42,11 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        try:  # not torch.amp.is_autocast_available: torch 2.11 cannot compile it and breaks the graph there
+            autocast = torch.is_autocast_enabled(device)
+        except RuntimeError:  # a device type without autocast, such as meta
+            autocast = False
+        if not autocast:
             return super().forward(x)
         dtype = torch.float32 if self.precision == "float32" else x.dtype
         with torch.autocast(device, enabled=False):  # else CUDA's autocast would cast to float32 again
