@@ -3,8 +3,8 @@
 # when it has one), so that one short call on a lent GPU shows them device-clean.
 # gpu_cascade.sh covers training under a time budget and the cascade evaluation; this covers:
 # - channels_last training with attention, and resume (checked to continue, not restart);
-# - the group norms' dtypes under the device's bf16 autocast, for both unet.group_norm_precision;
-# - each configs/mnist network traced by torch.compile as one graph, with no graph break;
+# - each configs/mnist network's training step under the device's bf16 autocast, for both
+#   unet.group_norm_precision: the group norms' dtypes, and one graph for torch.compile;
 # - sampling from prompts, image-to-image, inpainting and your own low-resolution images;
 # - the super-resolution evaluation;
 # - shard preparation and training from shards (loader workers, pinned memory on a GPU);
@@ -71,9 +71,15 @@ PY
 check train_sr python train_sr_mnist.py --config configs/mnist/sr_256.yaml --output-dir "$sr" "${data[@]}" \
   "${TINY_SR[@]}" --set training.channels_last=true --set "unet.attention_resolutions=[16]"
 
-check norm_dtypes python - "$DEVICE" <<'PY'
-# What each group norm returns under the device's bf16 autocast, for both precisions: CUDA's
-# autocast would turn a bf16 norm back into float32 if imagen.nn.GroupNorm did not guard it.
+network_under_bf16() {  # network_under_bf16 CONFIG --set KEY=VALUE...: a stage's network on the device
+  python - "$DEVICE" "$@" <<'PY'
+# A training step's forward and backward under the device's bf16 autocast, for both
+# unet.group_norm_precision settings:
+# - what each group norm returns: CUDA's autocast would turn a bf16 norm back into float32 if
+#   imagen.nn.GroupNorm did not guard it;
+# - one graph: training.compile fuses across the whole network only if Dynamo sees it whole, so
+#   the step is traced with fullgraph=True, which fails at any graph break (aot_eager traces
+#   forward and backward without generating kernels).
 import sys
 
 import torch
@@ -82,61 +88,39 @@ from imagen.config import load_stage_config
 from imagen.nn import GroupNorm
 from imagen.stage import build_network
 
-device = torch.device(sys.argv[1])
-tiny = ["unet.image_size=16", "unet.base_channels=16", "unet.channel_mults=[1, 2]", "unet.num_head_channels=16",
-        "unet.attention_resolutions=[8]", "unet.cross_attention_resolutions=[8]"]
+device, config_path, overrides = torch.device(sys.argv[1]), sys.argv[2], sys.argv[3:][1::2]
 for precision in ("float32", "activations"):
-    config = load_stage_config("configs/mnist/base.yaml", tiny + ["unet.num_res_blocks=1",
-                                                                  f"unet.group_norm_precision={precision}"])
+    config = load_stage_config(config_path, overrides + [f"unet.group_norm_precision={precision}"])
     network = build_network(config, 32).to(device)
+    size = config.unet.image_size
+    inputs = {"x": torch.randn(2, 1, size, size, device=device), "t": torch.tensor([10, 900], device=device),
+              "text_emb": torch.randn(2, 8, 32, device=device),
+              "text_mask": torch.ones(2, 8, dtype=torch.bool, device=device),
+              "drop_text": torch.tensor([False, True], device=device)}
+    if config.super_resolution is not None:
+        low = config.super_resolution.low_res_size
+        inputs.update(low_res=torch.randn(2, 1, low, low, device=device),
+                      aug_level=torch.tensor([0.0, 0.3], device=device))
     seen = []
-    for norm in (module for module in network.modules() if isinstance(module, GroupNorm)):
-        norm.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
-    x, t = torch.randn(2, 1, 16, 16, device=device), torch.tensor([10, 900], device=device)
-    text, mask = torch.randn(2, 8, 32, device=device), torch.ones(2, 8, dtype=torch.bool, device=device)
+    hooks = [module.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+             for module in network.modules() if isinstance(module, GroupNorm)]
     with torch.autocast(device.type, torch.bfloat16):
-        network(x, t, text_emb=text, text_mask=mask).float().square().mean().backward()
+        network(**inputs).float().square().mean().backward()
     wrong = [pair for pair in seen if pair[1] != (torch.float32 if precision == "float32" else pair[0])]
-    print(f"{precision} norms: (input, output) dtypes {sorted(set(map(str, seen)))}")
+    print(f"{config_path}, {precision} norms: (input, output) dtypes {sorted(set(map(str, seen)))}")
     if wrong or (precision == "activations" and (torch.bfloat16, torch.bfloat16) not in seen):
         sys.exit(f"error: under {device.type} bf16 autocast, {precision} group norms returned {wrong or seen}.")
+    for hook in hooks:
+        hook.remove()
+    torch._dynamo.reset()
+    with torch.autocast(device.type, torch.bfloat16):
+        torch.compile(network, fullgraph=True, backend="aot_eager")(**inputs).float().square().mean().backward()
+    print(f"{config_path}, {precision} norms: one graph")
 PY
-check one_graph python - "$DEVICE" <<'PY'
-# training.compile fuses across the whole network only if Dynamo sees it as one graph: trace a
-# bf16 training step of each configs/mnist network (tiny sizes, attention kept) on the device,
-# forward and backward, with fullgraph=True, which fails at any graph break. aot_eager traces
-# without generating kernels.
-import sys
-
-import torch
-
-from imagen.config import load_stage_config
-from imagen.stage import build_network
-
-device = torch.device(sys.argv[1])
-tiny = ["unet.base_channels=16", "unet.channel_mults=[1, 2]", "unet.num_head_channels=16"]
-stages = {"base": ["unet.image_size=16", "unet.num_res_blocks=1", "unet.attention_resolutions=[8]",
-                   "unet.cross_attention_resolutions=[8]"],
-          "sr_256": ["unet.image_size=32", "super_resolution.low_res_size=16", "unet.num_res_blocks=[1, 1]",
-                     "unet.attention_resolutions=[16]", "unet.cross_attention_resolutions=[16]"]}
-for stage, sizes in stages.items():
-    for precision in ("float32", "activations"):
-        config = load_stage_config(f"configs/mnist/{stage}.yaml",
-                                   tiny + sizes + [f"unet.group_norm_precision={precision}"])
-        network = build_network(config, 32).to(device)
-        size = config.unet.image_size
-        inputs = {"x": torch.randn(2, 1, size, size, device=device), "t": torch.tensor([10, 900], device=device),
-                  "text_emb": torch.randn(2, 8, 32, device=device),
-                  "text_mask": torch.ones(2, 8, dtype=torch.bool, device=device)}
-        if config.super_resolution is not None:
-            low = config.super_resolution.low_res_size
-            inputs.update(low_res=torch.randn(2, 1, low, low, device=device),
-                          aug_level=torch.tensor([0.0, 0.3], device=device))
-        torch._dynamo.reset()
-        with torch.autocast(device.type, torch.bfloat16):
-            torch.compile(network, fullgraph=True, backend="aot_eager")(**inputs).float().square().mean().backward()
-        print(f"{stage} ({precision} norms): one graph under {device.type} bf16 autocast")
-PY
+}
+check network_base network_under_bf16 configs/mnist/base.yaml "${TINY_BASE[@]}"
+check network_sr network_under_bf16 configs/mnist/sr_256.yaml "${TINY_SR[@]}" \
+  --set "unet.attention_resolutions=[16]" --set "unet.cross_attention_resolutions=[16]"
 check sample python sample_imagen.py "${cascade[@]}" --prompts seven 3 --num-per-prompt 2 --steps 2 \
   --output-dir "$OUT/sample"
 check ran_on_device python - "$OUT/sample/metadata.json" "$DEVICE" <<'PY'

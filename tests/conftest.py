@@ -70,6 +70,18 @@ def uninstalled(tmp_path) -> dict:
     return env
 
 
+def randomized(network):
+    """Zero-initialised layers make a fresh U-Net output exactly 0; perturb every weight (seeded)
+    so that each input visibly reaches the output. Returns the network in eval mode."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return network.eval()
+
+
 class HostWaits:
     """Within ``with HostWaits() as waits:``, ``waits.copies`` lists (operation, shape, dtype) of
     every copy from the host to another device that the host has to wait for.

@@ -147,10 +147,10 @@ def test_the_gpu_cascade_script_runs_the_whole_mission_in_smoke_mode(classifier,
     assert again.returncode == 2 and "already holds a report.json" in again.stderr
 
 
-DEVICE_PATHS = ["train_base", "resume_base", "resume_continued", "train_sr", "norm_dtypes", "one_graph", "sample", "ran_on_device",
-                "image_to_image", "inpaint", "low_res", "evaluate_sr", "train_caption_folder", "prepare_shards",
-                "train_from_shards", "train_scene_base", "train_scene_sr", "evaluate_scenes", "train_edm_base",
-                "train_edm_sr", "sample_edm"]
+DEVICE_PATHS = ["train_base", "resume_base", "resume_continued", "train_sr", "network_base", "network_sr", "sample",
+                "ran_on_device", "image_to_image", "inpaint", "low_res", "evaluate_sr", "train_caption_folder",
+                "prepare_shards", "train_from_shards", "train_scene_base", "train_scene_sr", "evaluate_scenes",
+                "train_edm_base", "train_edm_sr", "sample_edm"]
 
 
 @pytest.mark.slow

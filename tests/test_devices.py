@@ -33,7 +33,7 @@ from imagen.stage import build_diffusion, build_network, sample_stage
 from imagen.text import EncodedText
 from imagen.trainer import Trainer
 
-from conftest import HostWaits
+from conftest import HostWaits, randomized
 
 META = torch.device("meta")
 # Loading real weights into meta parameters is a (warned) no-op: values are not what these tests check.
@@ -237,10 +237,7 @@ def test_only_cuda_copies_in_asynchronously_and_from_pinned_memory(device, pinne
 
 def test_sampling_in_bf16_runs_the_network_in_bf16_and_the_sampler_in_float32(tiny_stage):
     config = tiny_stage()
-    network = build_network(config, 32).eval()
-    with torch.no_grad():
-        for parameter in network.parameters():  # a network whose output depends on its input
-            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    network = randomized(build_network(config, 32))
     seen = []
     network.output.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     text = EncodedText(torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.bool))
@@ -301,6 +298,20 @@ def test_a_group_norm_runs_outside_autocast_so_that_no_device_policy_recasts_it(
     assert "precision=activations" in repr(norm)
 
 
+def network_inputs(config) -> dict:
+    """Seeded keyword inputs of a training step for a network of ``config`` built with text width
+    32: two images, 8 text tokens, the second caption dropped; a low-resolution image and its
+    augmentation level for a super-resolution network."""
+    generator, size = torch.Generator().manual_seed(1), config.unet.image_size
+    inputs = {"x": torch.randn(2, 1, size, size, generator=generator), "t": torch.tensor([10, 900]),
+              "text_emb": torch.randn(2, 8, 32, generator=generator), "text_mask": torch.ones(2, 8, dtype=torch.bool),
+              "drop_text": torch.tensor([False, True])}
+    if config.super_resolution is not None:
+        low = config.super_resolution.low_res_size
+        inputs.update(low_res=torch.randn(2, 1, low, low, generator=generator), aug_level=torch.tensor([0.0, 0.3]))
+    return inputs
+
+
 @pytest.mark.parametrize("unet_type", ["unet", "efficient_unet"])
 def test_the_configured_group_norm_precision_reaches_every_norm_and_changes_only_mixed_precision(tiny_stage,
                                                                                                 unet_type):
@@ -308,25 +319,21 @@ def test_the_configured_group_norm_precision_reaches_every_norm_and_changes_only
     raw["unet"] = {"type": unet_type, "image_size": 16, "base_channels": 16, "channel_mults": [1, 2],
                    "num_head_channels": 16, "attention_resolutions": [8], "cross_attention_resolutions": [8],
                    "num_res_blocks": [1, 1] if unet_type == "efficient_unet" else 1}
-    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
-    text, mask = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(2)), torch.ones(2, 8, dtype=torch.bool)
     outputs = {}
     for precision in ("float32", "activations"):
         config = stage_config_from_dict({**raw, "unet": {**raw["unet"], "group_norm_precision": precision}})
         torch.manual_seed(0)
-        network = build_network(config, 32)
-        with torch.no_grad():  # zero-initialised output layers would hide every difference
-            for parameter in network.parameters():
-                parameter.add_(torch.randn(parameter.shape) * 0.05)
+        network = randomized(build_network(config, 32))
+        inputs = network_inputs(config)
         norms = [module for module in network.modules() if isinstance(module, nn.GroupNorm)]
         assert norms and all(isinstance(norm, GroupNorm) and norm.precision == precision for norm in norms)
         dtypes = []
         for norm in norms:
             norm.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
         with torch.no_grad():
-            outputs[precision, "full"] = network(x, t, text_emb=text, text_mask=mask)
+            outputs[precision, "full"] = network(**inputs)
             with torch.autocast("cpu", torch.bfloat16):
-                outputs[precision, "bf16"] = network(x, t, text_emb=text, text_mask=mask).float()
+                outputs[precision, "bf16"] = network(**inputs).float()
         assert set(dtypes[:len(norms)]) == {torch.float32}
         assert set(dtypes[len(norms):]) == {torch.float32 if precision == "float32" else torch.bfloat16}
     assert torch.equal(outputs["float32", "full"], outputs["activations", "full"])
@@ -337,27 +344,23 @@ def test_the_configured_group_norm_precision_reaches_every_norm_and_changes_only
 def test_each_unet_compiles_to_one_graph_with_and_without_autocast(tiny_stage, unet_type):
     """training.compile gains most when Inductor sees the whole network: a graph break (torch
     2.11, the GPU machine's version, broke at every group norm's autocast check) splits it and
-    stops fusion across the break. The eager backend traces without generating kernels."""
+    stops fusion across the break. fullgraph=True turns any break into an error; the call is
+    the training step's (gradients on, a caption dropped), and the eager backend traces
+    without generating kernels."""
     config = tiny_stage(super_resolution=unet_type == "efficient_unet")
     for precision in GroupNorm.PRECISIONS:
-        torch.manual_seed(0)
-        network = build_network(config, 32)
+        network = randomized(build_network(config, 32))
         set_group_norm_precision(network, precision)
-        with torch.no_grad():  # zero-initialised layers would make any two outputs equal
-            for parameter in network.parameters():
-                parameter.add_(torch.randn(parameter.shape) * 0.05)
-        size, generator = config.unet.image_size, torch.Generator().manual_seed(1)
-        inputs = {"x": torch.randn(2, 1, size, size, generator=generator), "t": torch.tensor([10, 900]),
-                  "text_emb": torch.randn(2, 8, 32, generator=generator),
-                  "text_mask": torch.ones(2, 8, dtype=torch.bool)}
-        if unet_type == "efficient_unet":
-            low = config.super_resolution.low_res_size
-            inputs.update(low_res=torch.randn(2, 1, low, low, generator=generator), aug_level=torch.tensor([0.0, 0.3]))
+        inputs = network_inputs(config)
         for autocast in (False, True):
             torch._dynamo.reset()
-            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
                 compiled = torch.compile(network, fullgraph=True, backend="eager")(**inputs)
                 assert torch.equal(compiled, network(**inputs))
+            compiled.float().square().mean().backward()
+            assert all(parameter.grad is not None for parameter in network.parameters())
+            network.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
 
 
 def test_bf16_on_a_cpu_that_would_emulate_it_is_warned_of_and_kept(monkeypatch):

@@ -19,7 +19,7 @@ from imagen.super_resolution import downsample, draw_aug_levels, noise_augment
 from imagen.text import EncodedText
 from imagen.trainer import Trainer, build_optimizer
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, randomized
 
 TEXT_DIM = 24
 
@@ -31,14 +31,6 @@ def sr_config(unet=None, **sections):
     raw = {"unet": settings, "super_resolution": {"low_res_size": 16}, "sampling": {"steps": 4}}
     raw.update(sections)
     return stage_config_from_dict(raw)
-
-
-def randomized(network):
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return network.eval()
 
 
 def sr_inputs(batch=2, seed=0):

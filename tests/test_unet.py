@@ -7,6 +7,8 @@ from imagen.attention import AttentionBlock
 from imagen.config import stage_config_from_dict
 from imagen.stage import build_network
 
+from conftest import randomized
+
 TEXT_DIM = 24
 
 
@@ -15,16 +17,6 @@ def make_config(**unet):
                 "attention_resolutions": [8], "cross_attention_resolutions": [8, 4], "num_head_channels": 8}
     settings.update(unet)
     return stage_config_from_dict({"unet": settings})
-
-
-def randomized(network):
-    """Zero-initialised output layers make a fresh U-Net output exactly 0; perturb every
-    weight so that each input visibly reaches the output."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return network.eval()
 
 
 def inputs(batch=3, length=6, seed=1, channels=1, size=16):
